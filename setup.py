@@ -1,0 +1,31 @@
+"""rlhf_jax: the InstructGPT recipe and its alternatives in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="rlhf_jax",
+    version="0.1.0",
+    description="RLHF in JAX/Flax: pretrain, SFT, reward model, PPO, best-of-K",
+    packages=find_packages(include=["rlhf_jax", "rlhf_jax.*", "experiments", "experiments.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.8",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "sentencepiece>=0.2",
+        "tensorflow-datasets>=4.9.7",
+        "array-record>=0.5",
+        "grain>=0.2.10",
+        "ml-collections>=1.0",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "matplotlib>=3.8",
+        "tensorboardX>=2.6",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "hf": ["torch", "transformers"],
+    },
+)
