@@ -1,0 +1,101 @@
+"""The embedded default: the whole InstructGPT recipe on the synthetic world, on a laptop CPU.
+
+  python -m rlhf_jax.main --config configs/tiny.py --workdir runs/tiny
+
+Variants: `configs/tiny.py:test` shrinks everything for the test suite.
+Stages: pretrain -> sft -> label -> reward -> ppo -> best_of_k -> evaluate.
+"""
+import ml_collections as mlc
+
+from rlhf_jax import config_lib as cl
+
+
+def get_config(arg=None):
+  c = mlc.ConfigDict()
+  c.seed = 0
+  c.stages = "pretrain,sft,label,reward,ppo,best_of_k,evaluate"
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1 fills the available devices
+  c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
+  c.checkpoint = dict(keep=2, async_save=True)
+  c.compile_cache = "~/.cache/rlhf_jax/jax_cache"  # persistent XLA compilation cache ("" = off)
+  c.model = cl.model(d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=384, max_len=96)
+
+  c.data = dict(
+      source="synthetic",  # synthetic | files
+      seed=1234,
+      corpus_docs=40_000, sft_examples=4_000, reward_prompts=1_500, rl_prompts=2_000,
+      eval_prompts=128,
+      tokenizer="",  # path to a sentencepiece .model; "" = train one into the workdir
+      vocab_size=512,
+      seq_len=96,  # pretraining rows (packed)
+      max_len=80,  # prompt + response for SFT / reward
+      prompt_len=32,  # left-padded prompts for generation
+      overlong="truncate",  # truncate | drop over-length examples (counted in the summary)
+      skip_bad=False,  # skip (and count) malformed rows instead of failing
+      files=dict(pretrain="", sft="", ranking="", ranking_format="kway"),  # data.source=files
+  )
+  c.pretrain = cl.train(steps=600, batch_size=32, lr=3e-3, warmup_steps=50, eval_every=200,
+                        log_every=20, ckpt_every=200, weight_decay=0.01)
+  c.sft = cl.train(steps=300, batch_size=32, lr=1e-3, warmup_steps=20, eval_every=100,
+                   log_every=20, ckpt_every=100)
+
+  # InstructGPT step 2: K samples per prompt ranked by the simulated annotators.
+  c.label = dict(k=4, batch_size=64, sample_temperature=1.0,
+                 annotator_temperature=0.5,  # Plackett-Luce noise on gold scores
+                 flip_rate=0.0)
+  c.reward = cl.train(steps=300, batch_size=32, lr=5e-4, warmup_steps=20, eval_every=100,
+                      log_every=20, ckpt_every=100)
+  c.reward.eval_frac = 0.1  # held-out fraction of labelled prompts
+  c.reward.normalize_samples = 512  # SFT samples on RL prompts for the gain/bias (Ziegler et al. 2019)
+
+  c.ppo = dict(
+      iterations=60, rollout_batch=64, minibatches=4, epochs=2, response_len=32,
+      temperature=1.0,  # sampling temperature; log-probs use it everywhere (Huang et al. 2024)
+      kl_mode="fixed",  # fixed | adaptive (Ziegler et al. 2019)
+      kl_coef=0.05, kl_target=6.0, kl_horizon=10_000,
+      kl_estimator="k1",  # per-token penalty: k1 = logp - ref_logp (InstructGPT)
+      critic="separate",  # separate model from the reward model (InstructGPT) | shared backbone
+      gae_gamma=1.0, gae_lambda=0.95,  # Ziegler et al. 2019 defaults
+      clip_eps=0.2, value_clip_eps=0.2, vf_coef=0.1, entropy_coef=0.0,
+      whiten_rewards=False,  # whiten rewards without shifting the mean (lm-human-preferences)
+      whiten_advantages=True,  # over the valid tokens of the batch (Huang et al. 2024)
+      reward_clip=0.0,  # clip normalised scores to +-value (0 = off)
+      missing_eos_penalty=-1.0,  # score for responses without EOS (Huang et al. 2024); nan-free
+      use_eos_penalty=True,
+      ptx_coef=0.0,  # PPO-ptx: gamma_ptx * pretraining LM loss (InstructGPT)
+      ptx_batch=8,
+      eval_every=10, log_every=1, ckpt_every=10,
+      opt=cl.optimizer(3e-5, b1=0.9, b2=0.95, eps=1e-5, schedule="constant", clip_norm=1.0),
+      critic_lr=1e-4,
+  )
+  c.best_of_k = dict(
+      eval_pool=16,  # N samples per held-out prompt for the best-of-n curve, n = 1..N/2
+      rounds=3, k=8, prompts_per_round=256, sample_batch=64, temperature=1.0,
+      keep="best",  # best | threshold | top_frac
+      threshold=0.0, top_frac=0.5,
+      train=cl.train(steps=60, batch_size=32, lr=3e-4, warmup_steps=5, log_every=10,
+                     ckpt_every=60, schedule="constant"),
+  )
+  c.evaluate = dict(batch_size=64, temperature=1.0)
+
+  if arg == "test":
+    _shrink(c)
+  c.lock()
+  return c
+
+
+def _shrink(c):
+  """Seconds-scale variant for tests."""
+  c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_len=64)
+  c.data.update(corpus_docs=2_000, sft_examples=256, reward_prompts=64, rl_prompts=64,
+                eval_prompts=16, vocab_size=256, seq_len=48, max_len=48, prompt_len=24)
+  c.pretrain.update(steps=20, batch_size=8, eval_every=10, log_every=5, ckpt_every=10, eval_batches=2)
+  c.sft.update(steps=10, batch_size=8, eval_every=5, log_every=5, ckpt_every=5, eval_batches=2)
+  c.reward.update(steps=10, batch_size=8, eval_every=5, log_every=5, ckpt_every=5, eval_batches=2)
+  c.reward.normalize_samples = 32
+  c.label.update(k=3, batch_size=16)
+  c.ppo.update(iterations=3, rollout_batch=8, minibatches=2, epochs=1, response_len=16,
+               eval_every=2, ckpt_every=2, ptx_batch=4)
+  c.best_of_k.update(eval_pool=4, rounds=2, k=2, prompts_per_round=16, sample_batch=8)
+  c.best_of_k.train.update(steps=4, batch_size=8, log_every=2, ckpt_every=4)
+  c.evaluate.batch_size = 8

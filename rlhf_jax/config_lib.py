@@ -1,0 +1,177 @@
+"""Config building blocks and validation.
+
+Configs are `ml_collections.ConfigDict`s built in `configs/*.py`; the blocks
+here keep those files short. `validate` runs before anything compiles and
+raises `ConfigError` with one line naming the offending key.
+"""
+from __future__ import annotations
+
+import math
+
+import ml_collections as mlc
+
+STAGES = ("pretrain", "sft", "label", "reward", "ppo", "best_of_k", "evaluate")
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def optimizer(lr: float, *, warmup_steps: int = 0, schedule: str = "cosine", end_lr_frac: float = 0.1,
+              b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0,
+              clip_norm: float = 1.0) -> mlc.ConfigDict:
+  return mlc.ConfigDict(dict(lr=lr, warmup_steps=warmup_steps, schedule=schedule,
+                             end_lr_frac=end_lr_frac, b1=b1, b2=b2, eps=eps,
+                             weight_decay=weight_decay, clip_norm=clip_norm))
+
+
+def train(steps: int, batch_size: int, lr: float, *, grad_accum: int = 1, log_every: int = 10,
+          eval_every: int = 0, eval_batches: int = 4, ckpt_every: int = 100,
+          nonfinite: str = "stop", **opt) -> mlc.ConfigDict:
+  return mlc.ConfigDict(dict(
+      steps=steps, batch_size=batch_size, grad_accum=grad_accum, log_every=log_every,
+      eval_every=eval_every or steps, eval_batches=eval_batches, ckpt_every=ckpt_every,
+      nonfinite=nonfinite,  # stop | skip: what a NaN/Inf loss or gradient does
+      opt=optimizer(lr, **opt)))
+
+
+def model(**kw) -> mlc.ConfigDict:
+  base = dict(vocab_size=0,  # 0 = take it from the tokenizer
+              d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=512, max_len=128,
+              rope_theta=10000.0, tie_embeddings=True, dropout=0.0, dtype="float32",
+              remat="none", attention="xla", norm_eps=1e-5)
+  base.update(kw)
+  return mlc.ConfigDict(base)
+
+
+def _fail(key: str, msg: str):
+  raise ConfigError(f"config.{key}: {msg}")
+
+
+def _choice(cfg, key: str, options):
+  value = cfg
+  for part in key.split("."):
+    value = value[part]
+  if value not in options:
+    _fail(key, f"{value!r} is not one of {', '.join(map(str, options))}")
+
+
+def _positive(cfg, key: str, allow_zero: bool = False):
+  value = cfg
+  for part in key.split("."):
+    value = value[part]
+  if value < 0 or (value == 0 and not allow_zero):
+    _fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(config, n_devices: int, n_processes: int = 1) -> None:
+  """Everything that can be checked before compiling; raises ConfigError."""
+  stages = [s.strip() for s in config.stages.split(",") if s.strip()]
+  if not stages:
+    _fail("stages", "empty; name at least one of " + ",".join(STAGES))
+  for s in stages:
+    if s not in STAGES:
+      _fail("stages", f"unknown stage {s!r}; known: {','.join(STAGES)}")
+  from rlhf_jax.train.sharding import resolve_mesh_shape
+  try:
+    mesh = resolve_mesh_shape(config.mesh, n_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  dp = mesh[0] * mesh[1]
+  tp = mesh[2]
+  m = config.model
+  for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len"):
+    _positive(config, f"model.{key}")
+  if m.d_model % m.n_heads:
+    _fail("model.n_heads", f"{m.n_heads} does not divide model.d_model={m.d_model}")
+  if (m.d_model // m.n_heads) % 2:
+    _fail("model.n_heads", f"head_dim={m.d_model // m.n_heads} must be even for rotary embeddings")
+  if m.n_heads % m.n_kv_heads:
+    _fail("model.n_kv_heads", f"{m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
+  if m.n_kv_heads % tp:
+    _fail("model.n_kv_heads", f"{m.n_kv_heads} is not divisible by mesh.tensor={tp}")
+  if m.d_ff % tp:
+    _fail("model.d_ff", f"{m.d_ff} is not divisible by mesh.tensor={tp}")
+  if m.d_model % mesh[1]:
+    _fail("model.d_model", f"{m.d_model} is not divisible by mesh.fsdp={mesh[1]}")
+  _choice(config, "model.dtype", ("float32", "bfloat16", "float16"))
+  _choice(config, "model.remat", ("none", "full", "dots"))
+  _choice(config, "model.attention", ("xla", "cudnn"))
+  if not 0.0 <= m.dropout < 1.0:
+    _fail("model.dropout", f"must be in [0, 1), got {m.dropout}")
+  _choice(config, "data.source", ("synthetic", "files"))
+  for key in ("seq_len", "max_len", "prompt_len"):
+    _positive(config, f"data.{key}")
+  if config.data.seq_len > m.max_len:
+    _fail("data.seq_len", f"{config.data.seq_len} exceeds model.max_len={m.max_len}")
+  if config.data.max_len > m.max_len:
+    _fail("data.max_len", f"{config.data.max_len} exceeds model.max_len={m.max_len}")
+  if config.data.prompt_len >= config.data.max_len:
+    _fail("data.prompt_len", f"{config.data.prompt_len} leaves no room for a response within "
+          f"data.max_len={config.data.max_len}")
+  _choice(config, "data.overlong", ("truncate", "drop"))
+  for stage in ("pretrain", "sft", "reward"):
+    _validate_train(config, stage, dp, n_processes)
+  _validate_rl(config, dp, n_processes)
+
+
+def _validate_train(config, stage: str, dp: int, n_processes: int) -> None:
+  t = config[stage]
+  for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
+    _positive(config, f"{stage}.{key}")
+  _check_batch(config, f"{stage}.batch_size", t.batch_size, dp * t.grad_accum, n_processes)
+  _choice(config, f"{stage}.nonfinite", ("stop", "skip"))
+  _validate_opt(config, f"{stage}.opt")
+
+
+def _validate_opt(config, key: str) -> None:
+  o = config
+  for part in key.split("."):
+    o = o[part]
+  _positive(config, f"{key}.lr")
+  _positive(config, f"{key}.eps")
+  _positive(config, f"{key}.warmup_steps", allow_zero=True)
+  _choice(config, f"{key}.schedule", ("cosine", "linear", "constant"))
+  if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
+    _fail(f"{key}.b1", "Adam betas must be in [0, 1)")
+
+
+def _check_batch(config, key: str, value: int, multiple: int, n_processes: int) -> None:
+  if value % multiple:
+    _fail(key, f"{value} is not divisible by {multiple} (data-parallel size x grad_accum/minibatches)")
+  if value % n_processes:
+    _fail(key, f"{value} is not divisible by the {n_processes} processes")
+
+
+def _validate_rl(config, dp: int, n_processes: int) -> None:
+  lab = config.label
+  if not 2 <= lab.k <= 9:
+    _fail("label.k", f"K must be between 2 and 9 (InstructGPT used 4 to 9), got {lab.k}")
+  _check_batch(config, "label.batch_size", lab.batch_size, dp, n_processes)
+  p = config.ppo
+  for key in ("iterations", "rollout_batch", "minibatches", "epochs", "response_len"):
+    _positive(config, f"ppo.{key}")
+  _check_batch(config, "ppo.rollout_batch", p.rollout_batch, dp * p.minibatches, n_processes)
+  if config.data.prompt_len + p.response_len > config.model.max_len:
+    _fail("ppo.response_len", f"data.prompt_len + ppo.response_len = "
+          f"{config.data.prompt_len + p.response_len} exceeds model.max_len={config.model.max_len}")
+  _choice(config, "ppo.kl_mode", ("fixed", "adaptive"))
+  _choice(config, "ppo.kl_estimator", ("k1", "k3"))
+  _choice(config, "ppo.critic", ("separate", "shared"))
+  if p.temperature <= 0:
+    _fail("ppo.temperature", f"must be > 0, got {p.temperature}")
+  if not (0 < p.gae_gamma <= 1 and 0 <= p.gae_lambda <= 1):
+    _fail("ppo.gae_gamma", "gamma must be in (0, 1] and lambda in [0, 1]")
+  _validate_opt(config, "ppo.opt")
+  b = config.best_of_k
+  if b.eval_pool < 2 or b.eval_pool & (b.eval_pool - 1):
+    _fail("best_of_k.eval_pool", f"pool size N must be a power of two >= 2, got {b.eval_pool}")
+  _positive(config, "best_of_k.k")
+  _choice(config, "best_of_k.keep", ("best", "threshold", "top_frac"))
+  _check_batch(config, "best_of_k.sample_batch", b.sample_batch, dp, n_processes)
+  _check_batch(config, "best_of_k.train.batch_size", b.train.batch_size, dp * b.train.grad_accum,
+               n_processes)
+  _validate_opt(config, "best_of_k.train.opt")
+  _check_batch(config, "evaluate.batch_size", config.evaluate.batch_size, dp, n_processes)
+  if math.isnan(config.ppo.missing_eos_penalty):
+    _fail("ppo.missing_eos_penalty", "must be a number")

@@ -1,0 +1,134 @@
+"""Pieces every stage uses: build/restore a train state, run a supervised loop.
+
+`train_supervised` is the whole of pretraining and SFT (and the fine-tuning
+inside best-of-K and the reward model): a loss function over a batch, a
+Batcher, an eval set. It restores an interrupted run exactly and starts a new
+one from `init_params` (another stage's checkpoint) or from random weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.data.batching import Batcher
+from rlhf_jax.train import sharding as sh
+from rlhf_jax.train import state as st
+from rlhf_jax.train.checkpoint import Checkpointer, restore_item
+from rlhf_jax.train.loop import train_loop
+from rlhf_jax.train.optim import make_optimizer
+from rlhf_jax.train.step import compile_step, make_train_step
+
+
+def model_meta(ctx) -> dict:
+  return {"model": dataclasses.asdict(ctx.model_cfg)}
+
+
+def checkpointer(ctx, name: str) -> Checkpointer:
+  c = ctx.config.checkpoint
+  return Checkpointer(os.path.join(ctx.stage_dir(name), "checkpoints"), keep=c.keep,
+                      async_save=c.async_save)
+
+
+def load_params(ctx, stage: str, model, item: str = "params"):
+  """Params of an earlier stage's latest checkpoint, placed on this model's shardings."""
+  params, meta = restore_item(ctx.stage_dir(stage), item, st.abstract_params(model),
+                              expect_meta=model_meta(ctx))
+  return params, meta
+
+
+def host_batcher(ctx, arrays: dict, global_batch: int, seed_offset: int) -> Batcher:
+  return Batcher(arrays, global_batch, seed=ctx.config.seed + seed_offset,
+                 process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def eval_batches(arrays: dict, batch_size: int, n_batches: int) -> list[dict]:
+  """Fixed evaluation batches: the first n_batches * batch_size rows (host-local slices)."""
+  n = min(n_batches, len(next(iter(arrays.values()))) // batch_size)
+  if n == 0:
+    raise ValueError(f"evaluation set of {len(next(iter(arrays.values())))} rows is smaller than "
+                     f"one batch of {batch_size}")
+  per_host = batch_size // jax.process_count()
+  lo = jax.process_index() * per_host
+  return [{k: v[i * batch_size + lo: i * batch_size + lo + per_host] for k, v in arrays.items()}
+          for i in range(n)]
+
+
+def make_evaluator(ctx, eval_loss: Callable, batches: list[dict]):
+  """Mean of eval_loss's metrics over fixed batches, one compiled function."""
+  fn = jax.jit(eval_loss)
+
+  def evaluate(params) -> dict:
+    totals = None
+    for b in batches:
+      _, m = fn(params, sh.put_batch(b, ctx.mesh))
+      m = {k: float(sh.to_host(v)) for k, v in m.items()}
+      totals = m if totals is None else {k: totals[k] + m[k] for k in m}
+    return {k: v / len(batches) for k, v in totals.items()}
+  return evaluate
+
+
+def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_loss: Callable,
+                     train_arrays: dict, eval_arrays: dict, init_params: Callable | None,
+                     extra_meta: dict | None = None, tokens_per_example: int = 0,
+                     seed_offset: int = 0) -> dict:
+  """Train `model` on `train_arrays` with `loss_fn`; returns summary figures.
+
+  init_params(): params to start from (another stage's checkpoint), or None
+  for random initialisation. Only called when there is no checkpoint of this
+  stage yet; an interrupted run resumes from its own checkpoint instead.
+  """
+  stage_dir = ctx.stage_dir(name)
+  optimizer = make_optimizer(tcfg.opt, tcfg.steps)
+  key = ctx.key(name)
+  ckpt = checkpointer(ctx, name)
+  evaluator = make_evaluator(ctx, eval_loss, eval_batches(eval_arrays, tcfg.batch_size,
+                                                          tcfg.eval_batches))
+  meta = {**model_meta(ctx), **(extra_meta or {})}
+
+  def fresh_state(params):
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
+            "skipped": jnp.zeros((), jnp.int32)}
+
+  abstract_p = st.abstract_params(model)
+  init_state, abstract = st.jit_init(fresh_state, abstract_p)
+  if ckpt.latest_step() is not None:
+    state, saved = ckpt.restore(abstract, expect_meta=model_meta(ctx))
+    init_eval = saved["init_eval"]
+    print(f"[{name}] resuming from step {int(state['step'])}", flush=True)
+  else:
+    params = init_params() if init_params is not None else st.init_params(model, jax.random.fold_in(key, -1))
+    state = init_state(params)
+    init_eval = evaluator(state["params"])
+  batcher = host_batcher(ctx, train_arrays, tcfg.batch_size, seed_offset)
+  step = make_train_step(loss_fn, optimizer, grad_accum=tcfg.grad_accum, nonfinite=tcfg.nonfinite)
+  step_fn = compile_step(step, ctx.mesh, st.shardings_of(abstract), batcher.get(0))
+  state, rows = train_loop(
+      name=name, stage_dir=stage_dir, state=state, step_fn=step_fn, get_batch=batcher.get,
+      total_steps=tcfg.steps, key=key, mesh=ctx.mesh, ckpt=ckpt,
+      meta_fn=lambda s: {**meta, "init_eval": init_eval, "data_position": s},
+      log_every=tcfg.log_every, ckpt_every=tcfg.ckpt_every,
+      eval_fn=lambda s: evaluator(s["params"]), eval_every=tcfg.eval_every,
+      tokens_per_step=tokens_per_example * tcfg.batch_size, nonfinite=tcfg.nonfinite)
+  ckpt.close()
+  final_eval = evaluator(state["params"])
+  summary = {f"init_eval_{k}": v for k, v in init_eval.items()}
+  summary.update({f"eval_{k}": v for k, v in final_eval.items()})
+  summary.update(steps=tcfg.steps, skipped_updates=int(sh.to_host(state["skipped"])),
+                 examples=len(next(iter(train_arrays.values()))))
+  return summary, state
+
+
+def lm_losses(model, temperature: float = 1.0):
+  """(train loss, eval loss) for next-token prediction with a target mask."""
+  from rlhf_jax.losses import lm_loss
+
+  def loss(params, batch, rng=None):
+    out = model.apply({"params": params}, batch["tokens"], batch["mask"])
+    return lm_loss(out["logits"], batch["tokens"], batch["loss_mask"])
+
+  return loss, loss

@@ -1,0 +1,19 @@
+"""Stage 1: causal language modelling on a packed corpus (nanoGPT-style packing)."""
+from __future__ import annotations
+
+from rlhf_jax.stages import common
+from rlhf_jax.train import state as st
+
+
+def run(ctx) -> dict:
+  cfg = ctx.config
+  train, evals = ctx.sources.corpus_rows()
+  model = st.make_model(ctx.model_cfg, ctx.mesh)
+  loss, eval_loss = common.lm_losses(model)
+  summary, _ = common.train_supervised(
+      ctx, "pretrain", cfg.pretrain, model=model, loss_fn=loss, eval_loss=eval_loss,
+      train_arrays=train, eval_arrays=evals, init_params=None,
+      tokens_per_example=cfg.data.seq_len)
+  summary["corpus_tokens"] = int(train["mask"].sum() + evals["mask"].sum())
+  summary["vocab_size"] = ctx.model_cfg.vocab_size
+  return summary

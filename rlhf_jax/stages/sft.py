@@ -1,0 +1,24 @@
+"""Stage 2 (InstructGPT step 1): supervised fine-tuning on demonstrations.
+
+Loss on response tokens (and the closing EOS) only: the prompt is context,
+not a target (InstructGPT, Ouyang et al. 2022; `loss_mask` from
+`rlhf_jax.data.batching.sft_examples`). Initialised from `pretrain`.
+"""
+from __future__ import annotations
+
+from rlhf_jax.stages import common
+from rlhf_jax.train import state as st
+
+
+def run(ctx) -> dict:
+  cfg = ctx.config
+  (train, evals), stats = ctx.sources.sft()
+  model = st.make_model(ctx.model_cfg, ctx.mesh)
+  loss, eval_loss = common.lm_losses(model)
+  summary, _ = common.train_supervised(
+      ctx, "sft", cfg.sft, model=model, loss_fn=loss, eval_loss=eval_loss,
+      train_arrays=train, eval_arrays=evals,
+      init_params=lambda: common.load_params(ctx, "pretrain", model)[0],
+      tokens_per_example=cfg.data.max_len, seed_offset=1)
+  summary.update(stats)
+  return summary

@@ -1,0 +1,96 @@
+"""Orbax checkpoints: one CheckpointManager per stage under DIR/<stage>/checkpoints.
+
+Each top-level key of the train state is its own orbax item, so a later stage
+can restore one model (`params`) without reading optimizer state, straight
+onto its own shardings. A `meta` JSON item holds what must match on resume
+(the model shape) and host-side state (data position, controllers).
+
+Orbax writes each step into a temporary directory and renames it when
+complete, so a process killed mid-save never leaves a checkpoint that reads
+as finished: the manager lists only finalized steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatch(ValueError):
+  """The checkpoint on disk was written by a different configuration."""
+
+
+def _abstract(tree):
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self._mngr = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=True))
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def save(self, step: int, state: dict, meta: dict) -> None:
+    items = {k: ocp.args.StandardSave(v) for k, v in state.items()}
+    items["meta"] = ocp.args.JsonSave(meta)
+    self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, abstract_state: dict, step: int | None = None, expect_meta: dict | None = None):
+    """Restore every item of `abstract_state` (ShapeDtypeStructs with shardings)."""
+    step = self.latest_step() if step is None else step
+    meta = self.read_meta(step)
+    check_meta(meta, expect_meta, f"{self.directory}/{step}")
+    items = {k: ocp.args.StandardRestore(v) for k, v in abstract_state.items()}
+    restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    return {k: restored[k] for k in abstract_state}, meta
+
+  def read_meta(self, step: int) -> dict:
+    return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+
+def check_meta(meta: dict, expect: dict | None, where: str) -> None:
+  """Clear message instead of a shape error deep inside orbax."""
+  if not expect:
+    return
+  for key, want in expect.items():
+    have = meta.get(key)
+    if have is not None and have != want:
+      diff = want
+      if isinstance(want, dict) and isinstance(have, dict):
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+      raise CheckpointMismatch(
+          f"{where}: checkpoint was written with a different {key} (checkpoint, config): "
+          f"{json.dumps(diff, default=str)}; use a fresh --workdir or the original config")
+
+
+def restore_item(stage_dir: str, item: str, abstract, expect_meta: dict | None = None):
+  """Restore one item (e.g. `params`) of a stage's latest checkpoint onto `abstract`'s shardings."""
+  directory = os.path.join(stage_dir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{directory}: no checkpoint to start from; run that stage first")
+  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{directory}: no finished checkpoint to start from; run that stage first")
+  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  check_meta(meta, expect_meta, f"{directory}/{step}")
+  out = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))
+  mngr.close()
+  return out[item], meta

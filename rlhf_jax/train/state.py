@@ -1,0 +1,68 @@
+"""Building sharded state: model params and the train-state dict.
+
+State is created already sharded: the init function is jitted and its
+output shardings come from the parameters' logical axis names, so no full
+copy of a large model ever sits on one device. The same abstract state
+(shapes + shardings) is what a checkpoint restores onto.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from rlhf_jax.model.transformer import ModelConfig, Transformer
+from rlhf_jax.train import sharding as sh
+
+
+def make_model(cfg: ModelConfig, mesh=None, rules=sh.RULES) -> Transformer:
+  """The transformer bound to a mesh (one device when `mesh` is None)."""
+  if mesh is None:
+    mesh = sh.mesh_of((1, 1, 1), jax.devices()[:1])
+  return Transformer(cfg, mesh=mesh, rules=tuple(rules))
+
+
+def _init_boxed(model: Transformer, rng):
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  return model.init(rng, tokens, jnp.ones((1, 8), bool))["params"]
+
+
+def param_shardings(model: Transformer):
+  boxed = jax.eval_shape(functools.partial(_init_boxed, model), jax.random.key(0))
+  return sh.logical_sharding(boxed, model.mesh, model.rules)
+
+
+def abstract_params(model: Transformer):
+  shardings = param_shardings(model)
+  shapes = nn.unbox(jax.eval_shape(functools.partial(_init_boxed, model), jax.random.key(0)))
+  return jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), shapes, shardings)
+
+
+def init_params(model: Transformer, rng):
+  """Random parameters, created directly with their shardings."""
+  return jax.jit(lambda r: nn.unbox(_init_boxed(model, r)),
+                 out_shardings=param_shardings(model))(rng)
+
+
+def abstract_of(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def shardings_of(tree):
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def jit_init(fn, *abstract_args):
+  """Compile `fn` and return (compiled, abstract output with its shardings).
+
+  Lets a stage learn the exact shardings of its full train state (optimizer
+  moments included) without materialising it, so a checkpoint can be
+  restored straight onto them.
+  """
+  compiled = jax.jit(fn).lower(*abstract_args).compile()
+  shapes = jax.eval_shape(fn, *abstract_args)
+  abstract = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d),
+                          shapes, compiled.output_shardings)
+  return compiled, abstract
