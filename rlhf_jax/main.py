@@ -42,6 +42,8 @@ def main(argv):
     _fail(e.exit_code, str(e))
   except KeyboardInterrupt:
     _fail(130, "interrupted; re-run the same command to continue from the last checkpoint")
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(1, f"{type(e).__name__}: {e}".splitlines()[0] + " (RLHF_JAX_TRACEBACK=1 for details)")
 
 
 def run():

@@ -101,7 +101,7 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
     init_eval = saved["init_eval"]
     print(f"[{name}] resuming from step {int(state['step'])}", flush=True)
   else:
-    params = init_params() if init_params is not None else st.init_params(model, jax.random.fold_in(key, -1))
+    params = init_params() if init_params is not None else st.init_params(model, jax.random.fold_in(key, 2**31 - 1))
     state = init_state(params)
     init_eval = evaluator(state["params"])
   batcher = host_batcher(ctx, train_arrays, tcfg.batch_size, seed_offset)

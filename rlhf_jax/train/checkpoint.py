@@ -27,6 +27,25 @@ def _abstract(tree):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
+def _is_leaf(x) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _group(state: dict) -> dict:
+  """Top-level arrays (step, counters, KL coefficient) go together in one `scalars` item."""
+  out = {k: v for k, v in state.items() if not _is_leaf(v)}
+  leaves = {k: v for k, v in state.items() if _is_leaf(v)}
+  if leaves:
+    out["scalars"] = leaves
+  return out
+
+
+def _ungroup(items: dict) -> dict:
+  out = {k: v for k, v in items.items() if k != "scalars"}
+  out.update(items.get("scalars", {}))
+  return out
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
@@ -41,7 +60,7 @@ class Checkpointer:
     return self._mngr.latest_step()
 
   def save(self, step: int, state: dict, meta: dict) -> None:
-    items = {k: ocp.args.StandardSave(v) for k, v in state.items()}
+    items = {k: ocp.args.StandardSave(v) for k, v in _group(state).items()}
     items["meta"] = ocp.args.JsonSave(meta)
     self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
@@ -50,9 +69,9 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     meta = self.read_meta(step)
     check_meta(meta, expect_meta, f"{self.directory}/{step}")
-    items = {k: ocp.args.StandardRestore(v) for k, v in abstract_state.items()}
+    items = {k: ocp.args.StandardRestore(v) for k, v in _group(abstract_state).items()}
     restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
-    return {k: restored[k] for k in abstract_state}, meta
+    return _ungroup({k: restored[k] for k in items}), meta
 
   def read_meta(self, step: int) -> dict:
     return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

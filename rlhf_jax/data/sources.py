@@ -1,0 +1,168 @@
+"""Every stage's data, tokenized and batched: the synthetic world or local files.
+
+`config.data.source = "synthetic"` (the embedded default) generates the
+pretraining corpus, demonstrations and prompt splits from `data.seed` and
+scores responses with the world's gold scorer. `"files"` reads local data
+through the TFDS builders (`config.data.files.*` name manual_dir folders
+holding train/test files, see docs/data_formats.md); there is no gold
+scorer then, so gold figures are absent from summaries.
+
+The tokenizer is trained once into DIR/tokenizer.model (or loaded from
+`data.tokenizer`) and reused by every stage.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import numpy as np
+
+from rlhf_jax.data import batching, world
+from rlhf_jax.data.formats import DataError
+from rlhf_jax.data.tokenizer import Tokenizer
+
+# Each prompt split has its own seed stream so splits do not overlap systematically.
+PROMPT_SPLITS = {"reward": 11, "rl": 12, "eval": 13}
+EVAL_FRACTION = 0.05  # of the corpus / demonstrations held out for eval loss
+
+
+def _split(arrays: dict, frac: float, name: str):
+  n = len(next(iter(arrays.values())))
+  n_eval = max(1, int(n * frac))
+  if n - n_eval < 1:
+    raise DataError(f"{name}: only {n} examples; not enough to hold out an evaluation split")
+  return ({k: v[:-n_eval] for k, v in arrays.items()}, {k: v[-n_eval:] for k, v in arrays.items()})
+
+
+class DataSources:
+
+  def __init__(self, data_cfg, workdir: str, seed: int):
+    self.cfg, self.workdir, self.seed = data_cfg, workdir, seed
+    self.synthetic = data_cfg.source == "synthetic"
+    self.tfds_dir = os.path.join(workdir, "tfds")
+
+  # ----------------------------------------------------------------- tokenizer
+  @functools.cached_property
+  def tokenizer(self) -> Tokenizer:
+    if self.cfg.tokenizer:
+      return Tokenizer.load(os.path.expanduser(self.cfg.tokenizer))
+    path = os.path.join(self.workdir, "tokenizer.model")
+    if not os.path.exists(path):
+      if jax.process_index() == 0:
+        os.makedirs(self.workdir, exist_ok=True)
+        tmp = os.path.join(self.workdir, f"tokenizer.tmp{os.getpid()}")
+        Tokenizer.train(self.corpus_texts, tmp, self.cfg.vocab_size)
+        os.replace(tmp + ".model", path)  # atomic: a kill never leaves half a tokenizer
+        for leftover in (tmp + ".vocab",):
+          if os.path.exists(leftover):
+            os.remove(leftover)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("tokenizer")
+    return Tokenizer.load(path)
+
+  def prompt_text(self, prompt: str) -> str:
+    """What the model sees before a response (the world's separator ends the prompt)."""
+    return prompt + world.SEP.rstrip() if self.synthetic else prompt
+
+  # ------------------------------------------------------------------ raw text
+  @functools.cached_property
+  def corpus_texts(self) -> list[str]:
+    if self.synthetic:
+      return world.make_corpus(self.seed_for("corpus"), self.cfg.corpus_docs)
+    recs, _ = self._records("text", self.cfg.files.pretrain, "train")
+    return [r["text"] for r in recs]
+
+  def seed_for(self, name: str) -> int:
+    return self.cfg.seed * 1000 + sum(map(ord, name))
+
+  def _records(self, kind: str, manual_dir: str, split: str, config=None, data_dir=None):
+    from rlhf_jax.data.builders import load_records
+    if not manual_dir:
+      raise DataError(f"config.data.files: no folder given for {kind} data (data.source=files)")
+    try:
+      return load_records(kind, data_dir or os.path.join(self.tfds_dir, kind), manual_dir=manual_dir,
+                          split=split, builder_config=config, skip_bad=self.cfg.skip_bad)
+    except (ValueError, KeyError) as e:
+      if isinstance(e, DataError):
+        raise
+      raise DataError(f"{manual_dir}: {e}") from None
+
+  # ------------------------------------------------------------ stage datasets
+  def corpus_rows(self):
+    """Packed pretraining rows -> (train, eval) LM examples."""
+    tok = self.tokenizer
+    rows = batching.pack_corpus(tok.encode_batch(self.corpus_texts), self.cfg.seq_len,
+                                tok.eos_id, tok.bos_id)
+    if len(rows) == 0:
+      raise DataError("pretraining corpus is empty after packing")
+    return _split(batching.lm_examples(rows), EVAL_FRACTION, "pretraining corpus")
+
+  def sft(self):
+    """Demonstrations -> ((train, eval) examples, counts of truncated/dropped/skipped)."""
+    if self.synthetic:
+      pairs = world.make_sft(self.seed_for("sft"), self.cfg.sft_examples)
+      skipped = 0
+    else:
+      recs, stats = self._records("sft", self.cfg.files.sft, "train")
+      pairs, skipped = [(r["prompt"], r["response"]) for r in recs], stats.num_skipped
+    tok = self.tokenizer
+    ex, counts = batching.sft_examples(
+        tok.encode_batch([self.prompt_text(p) for p, _ in pairs]),
+        tok.encode_batch([r for _, r in pairs]), self.cfg.max_len, tok.bos_id, tok.eos_id,
+        tok.pad_id, overlong=self.cfg.overlong)
+    return _split(ex, EVAL_FRACTION, "SFT demonstrations"), {**counts, "skipped_rows": skipped}
+
+  def prompts(self, split: str) -> list[str]:
+    if self.synthetic:
+      n = {"reward": self.cfg.reward_prompts, "rl": self.cfg.rl_prompts,
+           "eval": self.cfg.eval_prompts}[split]
+      return world.make_prompts(self.seed_for("prompts") + PROMPT_SPLITS[split], n)
+    recs, _ = self._records("sft", self.cfg.files.sft, "test" if split == "eval" else "train")
+    return [r["prompt"] for r in recs]
+
+  def prompt_set(self, split: str):
+    """(prompt texts, left-padded prompt arrays with `index` into the texts)."""
+    texts = self.prompts(split)
+    tok = self.tokenizer
+    ex, _ = batching.prompt_examples(tok.encode_batch([self.prompt_text(p) for p in texts]),
+                                     self.cfg.prompt_len, tok.bos_id, tok.pad_id,
+                                     overlong="truncate")
+    return texts, ex
+
+  def rankings(self, label_dir: str | None, max_k: int, eval_frac: float):
+    """K-way rankings -> ((train, eval) reward examples, counts).
+
+    Synthetic: the label stage's output (the same K-way JSONL format as real
+    data, read through the same TFDS builder). Files: data.files.ranking in
+    data.files.ranking_format (hh_rlhf | tldr | kway).
+    """
+    if self.synthetic or not self.cfg.files.ranking:
+      manual, fmt, data_dir = label_dir, "kway", os.path.join(label_dir, "tfds")
+    else:
+      manual, fmt, data_dir = self.cfg.files.ranking, self.cfg.files.ranking_format, None
+    recs, stats = self._records("ranking", manual, "train", config=fmt, data_dir=data_dir)
+    tok = self.tokenizer
+    prompts = [self.prompt_text(r["prompt"]) if self.synthetic else r["prompt"] for r in recs]
+    ex, counts = batching.reward_examples(
+        tok.encode_batch(prompts), [tok.encode_batch(r["responses"]) for r in recs],
+        [r["ranks"] for r in recs], self.cfg.max_len, tok.bos_id, tok.eos_id, tok.pad_id,
+        max_k=max_k, overlong=self.cfg.overlong)
+    raw = [(r["prompt"], list(r["responses"])) for r in recs]
+    n_eval = max(1, int(len(recs) * eval_frac))
+    train = {k: v[:-n_eval] for k, v in ex.items()}
+    evals = {k: v[-n_eval:] for k, v in ex.items()}
+    return (train, evals), raw[-n_eval:], {**counts, "skipped_rows": stats.num_skipped}
+
+  # --------------------------------------------------------------------- gold
+  @property
+  def has_gold(self) -> bool:
+    return self.synthetic
+
+  def gold(self, prompts, responses, ended=None):
+    """Gold scores of responses (synthetic world only; None for real data)."""
+    if not self.synthetic:
+      return None
+    return world.gold_score(list(prompts), list(responses),
+                            None if ended is None else np.asarray(ended, bool))

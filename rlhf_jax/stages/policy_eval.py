@@ -1,0 +1,159 @@
+"""What PPO, best-of-K and evaluate share: the frozen reward model, sampling, and
+the held-out evaluation that puts every arm on one gold/proxy-vs-KL frontier.
+
+Every arm is measured the same way (Gao et al. 2022): sample one response per
+held-out prompt from the policy at the evaluation temperature with a fixed
+key; gold = the synthetic world's scorer (the stand-in for human labels);
+proxy = the normalised reward model; KL(policy || SFT) = mean over prompts of
+the summed per-token log-ratio of the sampled response (k1, an unbiased
+estimate); win rate = fraction of prompts where the policy's response beats
+the SFT policy's response by gold (ties count half).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.losses import token_logprobs
+from rlhf_jax.sampling import SampleConfig, make_generate
+from rlhf_jax.stages import common
+from rlhf_jax.train import sharding as sh
+from rlhf_jax.train import state as st
+
+
+def last_index(mask):
+  """Index of the last real token of each row (reward read there: EOS)."""
+  t = jnp.arange(mask.shape[-1])
+  return jnp.max(jnp.where(mask, t, 0), axis=-1)
+
+
+def reward_scores(model, params, tokens, mask, gain, bias):
+  """Normalised reward-model score at the last real token: gain * raw + bias."""
+  out = model.apply({"params": params}, tokens, mask, logits=False, scalar=True)
+  raw = jnp.take_along_axis(out["scalar"], last_index(mask)[:, None], axis=-1)[:, 0]
+  return gain * raw + bias, raw
+
+
+def seq_logprobs(model, params, tokens, mask, prompt_len: int, temperature: float):
+  """Per-token log-probs [B, N] of the response part (positions prompt_len..) under `params`."""
+  out = model.apply({"params": params}, tokens, mask)
+  return token_logprobs(out["logits"], tokens, temperature)[:, prompt_len - 1:]
+
+
+class RewardModel:
+  """The reward stage's model and its normalisation (gain, bias), frozen."""
+
+  def __init__(self, ctx, model):
+    self.model = model
+    self.params, meta = common.load_params(ctx, "reward", model)
+    summary = ctx.summary("reward")
+    self.gain, self.bias = float(summary["reward_gain"]), float(summary["reward_bias"])
+    fn = functools.partial(reward_scores, model, gain=self.gain, bias=self.bias)
+    self._score = jax.jit(fn)
+
+  def score(self, tokens, mask):
+    return self._score(self.params, tokens, mask)[0]
+
+
+def sample_config(ctx, response_len: int, temperature: float) -> SampleConfig:
+  tok = ctx.sources.tokenizer
+  return SampleConfig(max_new_tokens=response_len, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                      temperature=temperature)
+
+
+def decode_responses(ctx, response, response_mask) -> list[str]:
+  tok = ctx.sources.tokenizer
+  r = np.where(np.asarray(response_mask), np.asarray(response), tok.pad_id)
+  return tok.decode_batch(r.tolist())
+
+
+class PolicyEvaluator:
+  """Gold / proxy / KL-from-SFT / win-rate of a policy on the held-out prompts."""
+
+  def __init__(self, ctx, model, reward: RewardModel, sft_params, *, response_len: int,
+               temperature: float, batch_size: int):
+    self.ctx, self.model, self.reward, self.sft_params = ctx, model, reward, sft_params
+    self.texts, self.prompts = ctx.sources.prompt_set("eval")
+    self.batch_size = min(batch_size, len(self.texts) // jax.process_count() * jax.process_count())
+    self.prompt_len = self.prompts["prompt"].shape[1]
+    self.temperature = temperature
+    self.gen = make_generate(model, sample_config(ctx, response_len, temperature), ctx.mesh,
+                             st.param_shardings(model))
+    self._logp = jax.jit(functools.partial(seq_logprobs, model, prompt_len=self.prompt_len,
+                                           temperature=temperature))
+    self._sft_gold = None
+
+  def _batches(self):
+    n = len(self.texts) // self.batch_size * self.batch_size
+    per_host = self.batch_size // jax.process_count()
+    lo = jax.process_index() * per_host
+    for i in range(0, n, self.batch_size):
+      yield i, {k: v[i + lo:i + lo + per_host] for k, v in self.prompts.items()}
+
+  def samples(self, params, key=0):
+    """Sample once per held-out prompt; returns host arrays and per-sample figures."""
+    out = {"gold": [], "proxy": [], "kl": [], "length": [], "ended": [], "texts": []}
+    for i, host in self._batches():
+      b = sh.put_batch(host, self.ctx.mesh)
+      g = self.gen(params, b["prompt"], b["prompt_mask"], jax.random.key(1_000_003 + key + i))
+      proxy = self.reward.score(g["tokens"], g["mask"])
+      lp = self._logp(params, g["tokens"], g["mask"])
+      lp_sft = self._logp(self.sft_params, g["tokens"], g["mask"])
+      m = g["response_mask"]
+      kl = jnp.sum((lp - lp_sft) * m, axis=-1)
+      resp, rmask = sh.to_host(g["response"]), sh.to_host(m)
+      idx = sh.to_host(b["index"])
+      texts = decode_responses(self.ctx, resp, rmask)
+      ended = sh.to_host(g["ended"])
+      gold = self.ctx.sources.gold([self.texts[j] for j in idx], texts, ended)
+      out["gold"].append(gold if gold is not None else np.full(len(texts), np.nan))
+      out["proxy"].append(sh.to_host(proxy))
+      out["kl"].append(sh.to_host(kl))
+      out["length"].append(rmask.sum(-1))
+      out["ended"].append(ended)
+      out["texts"].extend(texts)
+    return {k: (np.concatenate(v) if k != "texts" else v) for k, v in out.items()}
+
+  def sft_gold(self):
+    if self._sft_gold is None:
+      self._sft_gold = self.samples(self.sft_params)["gold"]
+    return self._sft_gold
+
+  def evaluate(self, params) -> dict:
+    s = self.samples(params)
+    base = self.sft_gold()
+    win = np.mean((s["gold"] > base) + 0.5 * (s["gold"] == base))
+    return {"gold_reward": float(np.mean(s["gold"])), "proxy_reward": float(np.mean(s["proxy"])),
+            "kl": float(np.mean(s["kl"])), "win_rate_vs_sft": float(win),
+            "response_length": float(np.mean(s["length"])),
+            "no_eos_frac": float(1.0 - np.mean(s["ended"]))}
+
+
+def sample_rows(ctx, gen, params, prompts: dict, batch_size: int, key, reward: RewardModel | None = None):
+  """Sample one response for every row of `prompts` (host arrays), in global batches.
+
+  The last partial batch is padded by repeating rows and the extras dropped,
+  so every row gets exactly one sample whatever the batch size. Returns host
+  arrays: response, response_mask, ended, index, texts and (with a reward
+  model) proxy scores.
+  """
+  n = len(prompts["prompt"])
+  per_host = batch_size // jax.process_count()
+  lo = jax.process_index() * per_host
+  out = {"response": [], "response_mask": [], "ended": [], "proxy": []}
+  for start in range(0, n, batch_size):
+    rows = np.arange(start, start + batch_size) % n
+    host = {k: v[rows[lo:lo + per_host]] for k, v in prompts.items()}
+    b = sh.put_batch(host, ctx.mesh)
+    g = gen(params, b["prompt"], b["prompt_mask"], jax.random.fold_in(key, start))
+    keep = min(batch_size, n - start)
+    for k in ("response", "response_mask", "ended"):
+      out[k].append(sh.to_host(g[k])[:keep])
+    if reward is not None:
+      out["proxy"].append(sh.to_host(reward.score(g["tokens"], g["mask"]))[:keep])
+  res = {k: np.concatenate(v) for k, v in out.items() if v}
+  res["texts"] = decode_responses(ctx, res["response"], res["response_mask"])
+  return res

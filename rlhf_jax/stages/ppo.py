@@ -1,0 +1,149 @@
+"""Stage: PPO against the reward model (InstructGPT step 3).
+
+Policy and reference from SFT; critic from the reward model (InstructGPT;
+Stiennon et al. 2020) unless `ppo.critic=shared`. Each loop step is one PPO
+iteration (`ppo_step.make_iteration`); every `eval_every` iterations the
+policy is evaluated on the held-out prompts (gold, proxy, KL from SFT, win
+rate), the points that feed the PPO-vs-best-of-K frontier.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.model.transformer import flops_per_token, param_count
+from rlhf_jax.stages import common
+from rlhf_jax.stages.policy_eval import PolicyEvaluator, RewardModel, decode_responses, sample_config
+from rlhf_jax.stages.ppo_step import make_iteration
+from rlhf_jax.train import sharding as sh
+from rlhf_jax.train import state as st
+from rlhf_jax.train.loop import train_loop
+from rlhf_jax.train.optim import make_optimizer
+
+
+def compute_per_iteration(cfg, model_cfg, prompt_len: int) -> dict:
+  """Tokens and FLOPs one iteration spends (upper bound: full response length)."""
+  pc = cfg.ppo
+  seq = prompt_len + pc.response_len
+  fwd = flops_per_token(model_cfg, seq) / 3  # forward FLOPs per token
+  tokens = pc.rollout_batch * seq
+  n_models_trained = 1 if pc.critic == "shared" else 2
+  sampled = pc.rollout_batch * pc.response_len
+  flops = (tokens * fwd  # rollout (KV-cache decode ~ one forward per token)
+           + 4 * tokens * fwd  # policy, reference, critic, reward forwards
+           + pc.epochs * n_models_trained * 3 * tokens * fwd)  # updates
+  if pc.ptx_coef > 0:
+    flops += pc.epochs * pc.minibatches * 3 * pc.ptx_batch * cfg.data.seq_len * fwd
+  return {"tokens_sampled": sampled, "flops": flops}
+
+
+def run(ctx) -> dict:
+  cfg, pc = ctx.config, ctx.config.ppo
+  model = st.make_model(ctx.model_cfg, ctx.mesh)
+  reward = RewardModel(ctx, model)
+  sft_params, _ = common.load_params(ctx, "sft", model)
+  texts, prompts = ctx.sources.prompt_set("rl")
+  prompt_len = prompts["prompt"].shape[1]
+  sc = sample_config(ctx, pc.response_len, pc.temperature)
+  policy_opt = make_optimizer(pc.opt, pc.iterations)
+  critic_opt = make_optimizer(_with_lr(pc.opt, pc.critic_lr), pc.iterations)
+  iteration = make_iteration(model, model, policy_opt, critic_opt, pc, sc, prompt_len)
+  frozen = {"ref": sft_params, "reward": reward.params,
+            "gain": jnp.float32(reward.gain), "bias": jnp.float32(reward.bias)}
+
+  def fresh_state(policy, critic):
+    s = {"params": policy, "opt_state": policy_opt.init(policy), "step": jnp.zeros((), jnp.int32),
+         "kl_coef": jnp.float32(pc.kl_coef)}
+    if pc.critic != "shared":
+      s.update(critic_params=critic, critic_opt_state=critic_opt.init(critic))
+    return s
+
+  abstract_p = st.abstract_params(model)
+  init_state, abstract = st.jit_init(fresh_state, abstract_p, abstract_p)
+  ckpt = common.checkpointer(ctx, "ppo")
+  meta = common.model_meta(ctx)
+  if ckpt.latest_step() is not None:
+    state, _ = ckpt.restore(abstract, expect_meta=meta)
+    print(f"[ppo] resuming from iteration {int(state['step'])}", flush=True)
+  else:
+    # Fresh copies: the state is donated each iteration, the frozen models are not.
+    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p))
+    critic_init = copy(reward.params) if pc.critic != "shared" else sft_params  # unused if shared
+    state = init_state(copy(sft_params), critic_init)
+
+  prompt_batcher = common.host_batcher(ctx, prompts, pc.rollout_batch, seed_offset=2)
+  ptx_batcher = None
+  if pc.ptx_coef > 0:
+    ptx_rows, _ = ctx.sources.corpus_rows()
+    ptx_batcher = common.host_batcher(ctx, ptx_rows, pc.ptx_batch, seed_offset=3)
+
+  def get_batch(s):
+    b = dict(prompt_batcher.get(s))
+    if ptx_batcher is not None:
+      p = ptx_batcher.get(s)
+      b.update(ptx_tokens=p["tokens"], ptx_mask=p["mask"], ptx_loss_mask=p["loss_mask"])
+    return b
+
+  shardings = st.shardings_of(abstract)
+  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+  example = get_batch(0)
+  batch_sh = jax.tree.map(lambda x: sh.batch_sharding(ctx.mesh, np.ndim(x)), example)
+  compiled = jax.jit(iteration, in_shardings=(shardings, frozen_sh, batch_sh, sh.replicated(ctx.mesh)),
+                     out_shardings=(shardings, sh.replicated(ctx.mesh)), donate_argnums=(0,))
+  step_fn = lambda state, batch, rng: compiled(state, frozen, batch, rng)
+
+  def host_fn(step, aux):
+    """Gold reward of this iteration's rollouts (host-side: decode + score)."""
+    resp = decode_responses(ctx, sh.to_host(aux["_response"]), sh.to_host(aux["_response_mask"]))
+    idx = sh.to_host(aux["_index"])
+    gold = ctx.sources.gold([texts[i] for i in idx], resp, sh.to_host(aux["_ended"]))
+    return {} if gold is None else {"gold_reward": float(np.mean(gold))}
+
+  evaluator = PolicyEvaluator(ctx, model, reward, sft_params, response_len=pc.response_len,
+                              temperature=cfg.evaluate.temperature, batch_size=cfg.evaluate.batch_size)
+  compute = compute_per_iteration(cfg, ctx.model_cfg, prompt_len)
+  state, rows = train_loop(
+      name="ppo", stage_dir=ctx.stage_dir("ppo"), state=state, step_fn=step_fn, get_batch=get_batch,
+      total_steps=pc.iterations, key=ctx.key("ppo"), mesh=ctx.mesh, ckpt=ckpt,
+      meta_fn=lambda s: {**meta, "data_position": s}, log_every=pc.log_every,
+      ckpt_every=pc.ckpt_every, eval_fn=lambda s: evaluator.evaluate(s["params"]),
+      eval_every=pc.eval_every, host_fn=host_fn, tokens_per_step=compute["tokens_sampled"])
+  ckpt.close()
+  sft_eval = evaluator.evaluate(sft_params)
+  final = evaluator.evaluate(state["params"])
+  points = _eval_points(ctx, sft_eval, compute)
+  return {
+      "sft_gold_reward": sft_eval["gold_reward"], "sft_proxy_reward": sft_eval["proxy_reward"],
+      "gold_reward": final["gold_reward"], "proxy_reward": final["proxy_reward"],
+      "kl": final["kl"], "win_rate_vs_sft": final["win_rate_vs_sft"],
+      "response_length": final["response_length"], "no_eos_frac": final["no_eos_frac"],
+      "kl_coef_final": float(sh.to_host(state["kl_coef"])), "iterations": pc.iterations,
+      "tokens_sampled_per_iteration": compute["tokens_sampled"],
+      "flops_per_iteration": compute["flops"], "params": param_count(ctx.model_cfg),
+      "eval_points": points,
+  }
+
+
+def _with_lr(opt_cfg, lr):
+  o = opt_cfg.copy_and_resolve_references()
+  o.lr = lr
+  return o
+
+
+def _eval_points(ctx, sft_eval, compute) -> list[dict]:
+  """Held-out evaluations from metrics.jsonl (all of them, also from before a resume)."""
+  import json
+  import os
+  pts = [{"iteration": 0, "gold_reward": sft_eval["gold_reward"],
+          "proxy_reward": sft_eval["proxy_reward"], "kl": 0.0, "flops": 0.0, "tokens_sampled": 0}]
+  with open(os.path.join(ctx.stage_dir("ppo"), "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      if "eval_gold_reward" in row:
+        pts.append({"iteration": row["step"], "gold_reward": row["eval_gold_reward"],
+                    "proxy_reward": row["eval_proxy_reward"], "kl": row["eval_kl"],
+                    "win_rate_vs_sft": row["eval_win_rate_vs_sft"],
+                    "flops": row["step"] * compute["flops"],
+                    "tokens_sampled": row["step"] * compute["tokens_sampled"]})
+  return pts

@@ -1,0 +1,156 @@
+"""One PPO iteration as a pure function: rollout -> score -> GAE -> updates.
+
+`iteration(state, frozen, batch, rng) -> (state, metrics)` is jitted once and
+sharded over the mesh. The recipe is InstructGPT's / Ziegler et al. 2019's,
+with the details catalogued by Huang et al. 2024 ("The N+ implementation
+details of RLHF with PPO"); each is a field of `config.ppo`:
+
+  reward_t = -beta * KL_t (every response token) + score (last token)
+  score    = normalised RM score; replaced by `missing_eos_penalty` when no
+             EOS was produced; optionally clipped to +-reward_clip
+  A, R     = GAE(gamma, lambda) over the response, whitened advantages
+  loss     = clipped surrogate - entropy_coef * H + ptx_coef * LM(pretrain)
+  critic   = clipped value loss (separate model initialised from the RM, or a
+             value head on the policy's backbone with vf_coef)
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import rl
+from rlhf_jax.losses import entropy_from_logits, lm_loss, token_logprobs
+from rlhf_jax.sampling import generate
+from rlhf_jax.stages.policy_eval import reward_scores
+from rlhf_jax.train.step import accumulate_grads, apply_update
+
+
+def _response_logits(model, params, tokens, mask, prompt_len, scalar=False):
+  out = model.apply({"params": params}, tokens, mask, scalar=scalar)
+  return out, out["logits"][:, prompt_len - 1:-1]
+
+
+def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_len: int):
+  """pc: config.ppo; sc: SampleConfig for rollouts."""
+  shared = pc.critic == "shared"
+  temp = pc.temperature
+  n_mb = pc.minibatches
+
+  def rollout_and_score(state, frozen, batch, rng):
+    g = generate(model, state["params"], batch["prompt"], batch["prompt_mask"], rng, sc)
+    tokens, mask, rmask = g["tokens"], g["mask"], g["response_mask"]
+    # Recompute the old log-probs with the training forward pass (the sampler's agree
+    # to float tolerance; the update's ratio must start at exactly 1).
+    out, _ = _response_logits(model, state["params"], tokens, mask, prompt_len, scalar=shared)
+    old_logp = token_logprobs(out["logits"], tokens, temp)[:, prompt_len - 1:]
+    ref = model.apply({"params": frozen["ref"]}, tokens, mask)
+    ref_logp = token_logprobs(ref["logits"], tokens, temp)[:, prompt_len - 1:]
+    if shared:
+      values = out["scalar"][:, prompt_len - 1:-1]
+    else:
+      values = critic_model.apply({"params": state["critic_params"]}, tokens, mask, logits=False,
+                                  scalar=True)["scalar"][:, prompt_len - 1:-1]
+    # The reward model has the policy's architecture (it is initialised from SFT).
+    score, raw = reward_scores(model, frozen["reward"], tokens, mask, frozen["gain"], frozen["bias"])
+    proxy = score
+    if pc.use_eos_penalty:  # Huang et al. 2024: no EOS -> fixed low score
+      score = jnp.where(g["ended"], score, pc.missing_eos_penalty)
+    if pc.reward_clip > 0:
+      score = jnp.clip(score, -pc.reward_clip, pc.reward_clip)
+    return dict(tokens=tokens, mask=mask, rmask=rmask, old_logp=old_logp, ref_logp=ref_logp,
+                values=values, score=score, proxy=proxy, raw=raw, ended=g["ended"],
+                response=g["response"])
+
+  def policy_loss_fn(params, mb, rng):
+    out, logits = _response_logits(model, params, mb["tokens"], mb["mask"], prompt_len, shared)
+    logp = token_logprobs(out["logits"], mb["tokens"], temp)[:, prompt_len - 1:]
+    pg, pm = rl.policy_loss(logp, mb["old_logp"], mb["adv"], mb["rmask"], pc.clip_eps)
+    ent = entropy_from_logits(logits / temp, mb["rmask"])
+    loss = pg - pc.entropy_coef * ent
+    metrics = {"policy_loss": pg, "entropy": ent, **pm}
+    if shared:
+      v = out["scalar"][:, prompt_len - 1:-1]
+      vl, vm = rl.value_loss(v, mb["values"], mb["returns"], mb["rmask"], pc.value_clip_eps)
+      loss = loss + pc.vf_coef * vl
+      metrics.update(value_loss=vl, **vm)
+    if pc.ptx_coef > 0:  # PPO-ptx (InstructGPT eq. 2)
+      ptx = model.apply({"params": params}, mb["ptx_tokens"], mb["ptx_mask"])
+      lm, _ = lm_loss(ptx["logits"], mb["ptx_tokens"], mb["ptx_loss_mask"])
+      loss = loss + pc.ptx_coef * lm
+      metrics["ptx_loss"] = lm
+    return loss, metrics
+
+  def critic_loss_fn(params, mb, rng):
+    v = critic_model.apply({"params": params}, mb["tokens"], mb["mask"], logits=False,
+                           scalar=True)["scalar"][:, prompt_len - 1:-1]
+    vl, vm = rl.value_loss(v, mb["values"], mb["returns"], mb["rmask"], pc.value_clip_eps)
+    return pc.vf_coef * vl, {"value_loss": vl, **vm}
+
+  def iteration(state, frozen, batch, rng):
+    r_roll, r_perm = jax.random.split(rng)
+    ro = rollout_and_score(state, frozen, batch, r_roll)
+    rmask = ro["rmask"]
+    beta = state["kl_coef"]
+    rewards, kl_tok = rl.token_rewards(ro["score"], ro["old_logp"], ro["ref_logp"], rmask, beta,
+                                       pc.kl_estimator)
+    if pc.whiten_rewards:  # lm-human-preferences: whiten without shifting the mean
+      rewards = rl.whiten(rewards, rmask, shift_mean=False)
+    adv, returns = rl.gae(rewards, ro["values"], rmask, pc.gae_gamma, pc.gae_lambda)
+    if pc.whiten_advantages:
+      adv = rl.whiten(adv, rmask)
+    data = dict(tokens=ro["tokens"], mask=ro["mask"], rmask=rmask, old_logp=ro["old_logp"],
+                values=ro["values"], adv=adv, returns=returns)
+    b = rmask.shape[0]
+    perms = jnp.concatenate([jax.random.permutation(k, b) for k in
+                             jax.random.split(r_perm, pc.epochs)]).reshape(pc.epochs * n_mb, b // n_mb)
+
+    def update(carry, idx):
+      params, opt_state, cparams, copt = carry
+      mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
+      if pc.ptx_coef > 0:
+        mb.update(ptx_tokens=batch["ptx_tokens"], ptx_mask=batch["ptx_mask"],
+                  ptx_loss_mask=batch["ptx_loss_mask"])
+      loss, grads, m = accumulate_grads(policy_loss_fn, params, mb, rng, 1)
+      params, opt_state, um = apply_update(policy_opt, params, opt_state, grads, loss, "skip")
+      m = {**m, "policy_grad_norm": um["grad_norm"], "finite_loss": um["finite_loss"],
+           "finite_grads": um["finite_grads"]}
+      if not shared:
+        closs, cgrads, cm = accumulate_grads(critic_loss_fn, cparams, mb, rng, 1)
+        cparams, copt, cum = apply_update(critic_opt, cparams, copt, cgrads, closs, "skip")
+        m.update(cm, critic_grad_norm=cum["grad_norm"],
+                 finite_loss=m["finite_loss"] & cum["finite_loss"],
+                 finite_grads=m["finite_grads"] & cum["finite_grads"])
+      return (params, opt_state, cparams, copt), m
+
+    carry = (state["params"], state["opt_state"], state.get("critic_params", {}),
+             state.get("critic_opt_state", {}))
+    (params, opt_state, cparams, copt), ms = jax.lax.scan(update, carry, perms)
+    upd = jax.tree.map(lambda x: x[-1] if x.dtype == jnp.bool_ else jnp.mean(x), ms)
+    upd["finite_loss"] = jnp.all(ms["finite_loss"])
+    upd["finite_grads"] = jnp.all(ms["finite_grads"])
+    kls = rl.kl_estimators(ro["old_logp"], ro["ref_logp"], rmask)
+    kl_mean = jnp.mean(kls["k1"])
+    if pc.kl_mode == "adaptive":  # Ziegler et al. 2019
+      new_beta = rl.adaptive_kl_update(beta, kl_mean, b, pc.kl_target, pc.kl_horizon)
+    else:
+      new_beta = beta
+    new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1,
+                     kl_coef=new_beta)
+    if not shared:
+      new_state.update(critic_params=cparams, critic_opt_state=copt)
+    lengths = jnp.sum(rmask, axis=-1)
+    metrics = {
+        "proxy_reward": jnp.mean(ro["proxy"]), "proxy_reward_raw": jnp.mean(ro["raw"]),
+        "score": jnp.mean(ro["score"]), "kl": kl_mean, "kl_k3": jnp.mean(kls["k3"]),
+        "kl_coef": beta, "non_score_reward": jnp.mean(jnp.sum(rewards * rmask, -1) - ro["score"]),
+        "explained_variance": rl.explained_variance(ro["values"], returns, rmask),
+        "advantage_mean": rl.masked_mean(adv, rmask), "return_mean": rl.masked_mean(returns, rmask),
+        "value_mean": rl.masked_mean(ro["values"], rmask),
+        "response_length": jnp.mean(lengths), "no_eos_frac": 1.0 - jnp.mean(ro["ended"]),
+        "loss": upd["policy_loss"], **upd,
+        "_response": ro["response"], "_response_mask": rmask, "_ended": ro["ended"],
+        "_index": batch["index"],
+    }
+    return new_state, metrics
+
+  return iteration

@@ -1,0 +1,137 @@
+"""Stage: the reward model (InstructGPT step 2).
+
+Initialised from SFT with a fresh scalar head (std 1/sqrt(d_model + 1),
+lm-human-preferences); the reward is read at the last real token (EOS).
+Every prompt's K responses sit in one batch element and are forwarded once;
+the loss is the mean over its C(K,2) untied pairs of -log sigmoid(r_better -
+r_worse), then the mean over prompts (`losses.ranking_loss`; InstructGPT
+sec. 3.5). Missing responses (mixed K) are masked.
+
+After training, a gain and bias make the rewards of SFT-policy samples on RL
+prompts mean 0, std 1 (Ziegler et al. 2019; InstructGPT adds a bias so the
+SFT demonstrations score 0). They are stored in summary.json and in
+checkpoints/normalization.json and applied whenever the model scores.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.losses import ranking_loss
+from rlhf_jax.sampling import make_generate
+from rlhf_jax.stages import common
+from rlhf_jax.stages.policy_eval import last_index, sample_config
+from rlhf_jax.train import sharding as sh
+from rlhf_jax.train import state as st
+
+
+def response_rewards(model, params, tokens, mask):
+  """[B, K, L] -> [B, K] raw rewards, each response forwarded once."""
+  b, k, l = tokens.shape
+  out = model.apply({"params": params}, tokens.reshape(b * k, l), mask.reshape(b * k, l),
+                    logits=False, scalar=True)
+  flat_mask = mask.reshape(b * k, l)
+  r = jnp.take_along_axis(out["scalar"], last_index(flat_mask)[:, None], axis=-1)[:, 0]
+  return r.reshape(b, k)
+
+
+def make_losses(model):
+  def loss(params, batch, rng=None):
+    r = response_rewards(model, params, batch["tokens"], batch["mask"])
+    return ranking_loss(r, batch["ranks"], batch["valid"])
+  return loss, loss
+
+
+def _fresh_head(model, params, key):
+  """SFT backbone + a newly initialised scalar head."""
+  fresh = st.init_params(model, key)
+  return dict(params, scalar_head=fresh["scalar_head"])
+
+
+def _rewards_of(ctx, model, params, arrays: dict, batch_size: int) -> np.ndarray:
+  fn = jax.jit(functools.partial(response_rewards, model))
+  n = len(arrays["tokens"])
+  out = []
+  for start in range(0, n, batch_size):
+    rows = np.arange(start, start + batch_size) % n
+    per = batch_size // jax.process_count()
+    lo = jax.process_index() * per
+    b = sh.put_batch({k: arrays[k][rows[lo:lo + per]] for k in ("tokens", "mask")}, ctx.mesh)
+    out.append(sh.to_host(fn(params, b["tokens"], b["mask"]))[:min(batch_size, n - start)])
+  return np.concatenate(out)
+
+
+def _gold_accuracy(ctx, rewards, arrays, raw, min_gap: float):
+  """Pairwise agreement of the RM with the gold order on held-out comparisons."""
+  if not ctx.sources.has_gold or raw is None:
+    return None
+  agree = total = 0
+  for r, valid, (prompt, responses) in zip(rewards, arrays["valid"], raw):
+    g = ctx.sources.gold([prompt] * len(responses), responses)
+    k = int(valid.sum())
+    for i in range(k):
+      for j in range(i + 1, k):
+        if abs(g[i] - g[j]) > min_gap:
+          agree += (r[i] > r[j]) == (g[i] > g[j])
+          total += 1
+  return float(agree / max(total, 1))
+
+
+def normalization(ctx, model, params) -> tuple[float, float, dict]:
+  """Gain/bias so SFT samples on RL prompts score mean 0, std 1 (Ziegler et al. 2019)."""
+  cfg = ctx.config
+  sft_params, _ = common.load_params(ctx, "sft", model)
+  _, prompts = ctx.sources.prompt_set("rl")
+  n = min(cfg.reward.normalize_samples, len(prompts["prompt"]))
+  prompts = {k: v[:n] for k, v in prompts.items()}
+  gen = make_generate(model, sample_config(ctx, cfg.ppo.response_len, cfg.ppo.temperature),
+                      ctx.mesh, st.param_shardings(model))
+  from rlhf_jax.stages.policy_eval import sample_rows
+  s = sample_rows(ctx, gen, sft_params, prompts, cfg.label.batch_size, ctx.key("reward_norm"))
+  # Score the exact sampled sequences (prompt + response) as PPO will.
+  tokens = np.concatenate([np.repeat(prompts["prompt"], 1, 0), s["response"]], axis=1)
+  mask = np.concatenate([prompts["prompt_mask"], s["response_mask"]], axis=1)
+  raw = _rewards_of(ctx, model, params, {"tokens": tokens[:, None], "mask": mask[:, None]},
+                    cfg.label.batch_size)[:, 0]
+  std = float(raw.std()) or 1.0
+  gain = 1.0 / std
+  bias = -float(raw.mean()) * gain
+  return gain, bias, {"sft_raw_reward_mean": float(raw.mean()), "sft_raw_reward_std": std}
+
+
+def run(ctx) -> dict:
+  cfg, rc = ctx.config, ctx.config.reward
+  model = st.make_model(ctx.model_cfg, ctx.mesh)
+  (train, evals), raw_eval, counts = ctx.sources.rankings(
+      os.path.join(ctx.stage_dir("label"), "data"), max_k=None, eval_frac=rc.eval_frac)
+  if counts.get("dropped"):
+    raw_eval = None  # rows were dropped, so texts no longer align with arrays
+  loss, eval_loss = make_losses(model)
+  summary, state = common.train_supervised(
+      ctx, "reward", rc, model=model, loss_fn=loss, eval_loss=eval_loss,
+      train_arrays=train, eval_arrays=evals,
+      init_params=lambda: _fresh_head(model, common.load_params(ctx, "sft", model)[0],
+                                      jax.random.fold_in(ctx.key("reward"), 7)),
+      seed_offset=4)
+  params = state["params"]
+  rewards = _rewards_of(ctx, model, params, evals, rc.batch_size)
+  ev_loss, ev = jax.jit(ranking_loss)(rewards, evals["ranks"], evals["valid"])
+  gold_acc = _gold_accuracy(ctx, rewards, evals, raw_eval, 0.0)
+  gold_acc_clear = _gold_accuracy(ctx, rewards, evals, raw_eval, 0.25)
+  gain, bias, norm_stats = normalization(ctx, model, params)
+  norm_path = os.path.join(ctx.stage_dir("reward"), "checkpoints", "normalization.json")
+  if jax.process_index() == 0:
+    with open(norm_path, "w") as f:
+      json.dump({"gain": gain, "bias": bias}, f)
+  summary.update(
+      accuracy=float(ev["accuracy"]), loss=float(ev_loss), margin=float(ev["margin"]),
+      eval_comparisons=int(len(evals["ranks"])), train_comparisons=int(len(train["ranks"])),
+      reward_gain=gain, reward_bias=bias, **norm_stats, **counts)
+  if gold_acc is not None:
+    summary.update(gold_accuracy=gold_acc, gold_accuracy_clear=gold_acc_clear)
+  return summary
