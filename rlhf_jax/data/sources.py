@@ -79,6 +79,8 @@ class DataSources:
 
   def _records(self, kind: str, manual_dir: str, split: str, config=None, data_dir=None):
     from rlhf_jax.data.builders import load_records
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
     if not manual_dir:
       raise DataError(f"config.data.files: no folder given for {kind} data (data.source=files)")
     try:

@@ -46,12 +46,20 @@ def host_batcher(ctx, arrays: dict, global_batch: int, seed_offset: int) -> Batc
                  process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def eval_batches(arrays: dict, batch_size: int, n_batches: int) -> list[dict]:
-  """Fixed evaluation batches: the first n_batches * batch_size rows (host-local slices)."""
-  n = min(n_batches, len(next(iter(arrays.values()))) // batch_size)
-  if n == 0:
-    raise ValueError(f"evaluation set of {len(next(iter(arrays.values())))} rows is smaller than "
-                     f"one batch of {batch_size}")
+def eval_batches(arrays: dict, batch_size: int, n_batches: int, mesh=None) -> list[dict]:
+  """Fixed evaluation batches from the first rows (host-local slices).
+
+  A held-out set smaller than one training batch is evaluated in one smaller
+  batch (a multiple of the data-parallel size).
+  """
+  rows = len(next(iter(arrays.values())))
+  if rows < batch_size:
+    dp = sh.data_parallel_size(mesh) * jax.process_count() if mesh is not None else 1
+    batch_size = rows // dp * dp
+    if batch_size == 0:
+      raise ValueError(f"evaluation set of {rows} rows is smaller than the {dp} data-parallel "
+                       f"devices; use more data")
+  n = min(n_batches, rows // batch_size)
   per_host = batch_size // jax.process_count()
   lo = jax.process_index() * per_host
   return [{k: v[i * batch_size + lo: i * batch_size + lo + per_host] for k, v in arrays.items()}
@@ -87,7 +95,7 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
   key = ctx.key(name)
   ckpt = checkpointer(ctx, name)
   evaluator = make_evaluator(ctx, eval_loss, eval_batches(eval_arrays, tcfg.batch_size,
-                                                          tcfg.eval_batches))
+                                                          tcfg.eval_batches, ctx.mesh))
   meta = {**model_meta(ctx), **(extra_meta or {})}
 
   def fresh_state(params):
