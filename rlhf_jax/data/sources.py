@@ -48,18 +48,16 @@ class DataSources:
     if self.cfg.tokenizer:
       return Tokenizer.load(os.path.expanduser(self.cfg.tokenizer))
     path = os.path.join(self.workdir, "tokenizer.model")
-    if not os.path.exists(path):
-      if jax.process_index() == 0:
-        os.makedirs(self.workdir, exist_ok=True)
-        tmp = os.path.join(self.workdir, f"tokenizer.tmp{os.getpid()}")
-        Tokenizer.train(self.corpus_texts, tmp, self.cfg.vocab_size)
-        os.replace(tmp + ".model", path)  # atomic: a kill never leaves half a tokenizer
-        for leftover in (tmp + ".vocab",):
-          if os.path.exists(leftover):
-            os.remove(leftover)
-      if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("tokenizer")
+    if jax.process_index() == 0 and not os.path.exists(path):
+      os.makedirs(self.workdir, exist_ok=True)
+      tmp = os.path.join(self.workdir, f"tokenizer.tmp{os.getpid()}")
+      Tokenizer.train(self.corpus_texts, tmp, self.cfg.vocab_size)
+      os.replace(tmp + ".model", path)  # atomic: a kill never leaves half a tokenizer
+      if os.path.exists(tmp + ".vocab"):
+        os.remove(tmp + ".vocab")
+    if jax.process_count() > 1:  # every process waits for process 0's tokenizer
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("tokenizer")
     return Tokenizer.load(path)
 
   def prompt_text(self, prompt: str) -> str:

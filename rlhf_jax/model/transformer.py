@@ -118,12 +118,18 @@ class Attention(nn.Module):
   def __call__(self, x, positions, attn_mask, cache=None, cache_index=None):
     cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
     std = cfg.d_model ** -0.5
-    proj = lambda name, heads, axes: nn.DenseGeneral(
-        (heads, cfg.head_dim), dtype=dt, param_dtype=jnp.float32, use_bias=False, name=name,
-        kernel_init=nn.with_logical_partitioning(_dense_init(std), ("embed",) + axes))(x)
-    q = proj("q", cfg.n_heads, ("heads", "head_dim"))
-    k = proj("k", cfg.n_kv_heads, ("kv_heads", "head_dim"))
-    v = proj("v", cfg.n_kv_heads, ("kv_heads", "head_dim"))
+    # One fused projection [d, kv_heads, group + 2, head_dim]: each kv head's group of
+    # query heads, then its key and value. One matmul instead of three, and sharding
+    # kv_heads over `tensor` keeps every head's q, k and v on the same device.
+    group = cfg.n_heads // cfg.n_kv_heads
+    qkv = nn.DenseGeneral(
+        (cfg.n_kv_heads, group + 2, cfg.head_dim), dtype=dt, param_dtype=jnp.float32,
+        use_bias=False, name="qkv",
+        kernel_init=nn.with_logical_partitioning(_dense_init(std), ("embed", "kv_heads", None, "head_dim")))(x)
+    b, t = x.shape[:2]
+    # Query head n = kv * group + g: the layout jax.nn.dot_product_attention expects for GQA.
+    q = qkv[:, :, :, :group].reshape(b, t, cfg.n_heads, cfg.head_dim)
+    k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]
     q = rope(q, positions, cfg.rope_theta)
     k = rope(k, positions, cfg.rope_theta)
     q = self.constrain(q, ("batch", "length", "act_heads", "head_dim"))
@@ -145,6 +151,7 @@ class Attention(nn.Module):
         cfg.d_model, axis=(-2, -1), dtype=dt, param_dtype=jnp.float32, use_bias=False, name="o",
         kernel_init=nn.with_logical_partitioning(
             _dense_init(std / (2 * cfg.n_layers) ** 0.5), ("heads", "head_dim", "embed")))(out)
+    # out's heads are kv-major (n = kv * group + g), matching the qkv layout above.
     return out, new_cache
 
 
@@ -158,10 +165,11 @@ class MLP(nn.Module):
         feats, dtype=dt, param_dtype=jnp.float32, use_bias=False, name=name,
         kernel_init=nn.with_logical_partitioning(_dense_init(std), axes))
     std = cfg.d_model ** -0.5
-    gate = dense("gate", cfg.d_ff, ("embed", "mlp"), std)(x)
-    up = dense("up", cfg.d_ff, ("embed", "mlp"), std)(x)
+    # Gate and up projections fused into one matmul [d, 2, d_ff].
+    wi = nn.DenseGeneral((2, cfg.d_ff), dtype=dt, param_dtype=jnp.float32, use_bias=False, name="wi",
+                         kernel_init=nn.with_logical_partitioning(_dense_init(std), ("embed", None, "mlp")))(x)
     return dense("down", cfg.d_model, ("mlp", "embed"), cfg.d_ff ** -0.5 / (2 * cfg.n_layers) ** 0.5)(
-        nn.silu(gate) * up)
+        nn.silu(wi[..., 0, :]) * wi[..., 1, :])
 
 
 class Block(nn.Module):
