@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.data = dict(
       source="synthetic",  # synthetic | files
       seed=1234,
-      corpus_docs=40_000, sft_examples=4_000, reward_prompts=1_500, rl_prompts=2_000,
+      corpus_docs=40_000, sft_examples=4_000, reward_prompts=2_000, rl_prompts=2_000,
       eval_prompts=128,
       tokenizer="",  # path to a sentencepiece .model; "" = train one into the workdir
       vocab_size=512,
@@ -34,25 +34,25 @@ def get_config(arg=None):
       skip_bad=False,  # skip (and count) malformed rows instead of failing
       files=dict(pretrain="", sft="", ranking="", ranking_format="kway"),  # data.source=files
   )
-  c.pretrain = cl.train(steps=600, batch_size=32, lr=3e-3, warmup_steps=50, eval_every=200,
-                        log_every=20, ckpt_every=200, weight_decay=0.01)
-  c.sft = cl.train(steps=300, batch_size=32, lr=1e-3, warmup_steps=20, eval_every=100,
-                   log_every=20, ckpt_every=100)
+  c.pretrain = cl.train(steps=400, batch_size=32, lr=3e-3, warmup_steps=40, eval_every=100,
+                        log_every=20, ckpt_every=100, weight_decay=0.01)
+  c.sft = cl.train(steps=150, batch_size=32, lr=1e-3, warmup_steps=10, eval_every=50,
+                   log_every=10, ckpt_every=50)
 
   # InstructGPT step 2: K samples per prompt ranked by the simulated annotators.
   c.label = dict(k=4, batch_size=64, sample_temperature=1.0,
-                 annotator_temperature=0.5,  # Plackett-Luce noise on gold scores
+                 annotator_temperature=0.25,  # Plackett-Luce noise on gold scores
                  flip_rate=0.0)
-  c.reward = cl.train(steps=300, batch_size=32, lr=5e-4, warmup_steps=20, eval_every=100,
-                      log_every=20, ckpt_every=100)
+  c.reward = cl.train(steps=120, batch_size=32, lr=3e-4, warmup_steps=10, eval_every=40,
+                      log_every=10, ckpt_every=40)  # ~2 epochs: RMs overfit fast (InstructGPT: 1)
   c.reward.eval_frac = 0.1  # held-out fraction of labelled prompts
   c.reward.normalize_samples = 512  # SFT samples on RL prompts for the gain/bias (Ziegler et al. 2019)
 
   c.ppo = dict(
-      iterations=60, rollout_batch=64, minibatches=4, epochs=2, response_len=32,
+      iterations=40, rollout_batch=64, minibatches=4, epochs=2, response_len=32,
       temperature=1.0,  # sampling temperature; log-probs use it everywhere (Huang et al. 2024)
       kl_mode="fixed",  # fixed | adaptive (Ziegler et al. 2019)
-      kl_coef=0.05, kl_target=6.0, kl_horizon=10_000,
+      kl_coef=0.02, kl_target=6.0, kl_horizon=10_000,
       kl_estimator="k1",  # per-token penalty: k1 = logp - ref_logp (InstructGPT)
       critic="separate",  # separate model from the reward model (InstructGPT) | shared backbone
       gae_gamma=1.0, gae_lambda=0.95,  # Ziegler et al. 2019 defaults
@@ -65,16 +65,16 @@ def get_config(arg=None):
       ptx_coef=0.0,  # PPO-ptx: gamma_ptx * pretraining LM loss (InstructGPT)
       ptx_batch=8,
       eval_every=10, log_every=1, ckpt_every=10,
-      opt=cl.optimizer(3e-5, b1=0.9, b2=0.95, eps=1e-5, schedule="constant", clip_norm=1.0),
-      critic_lr=1e-4,
+      opt=cl.optimizer(1e-4, b1=0.9, b2=0.95, eps=1e-5, schedule="constant", clip_norm=1.0),
+      critic_lr=3e-4,
   )
   c.best_of_k = dict(
       eval_pool=16,  # N samples per held-out prompt for the best-of-n curve, n = 1..N/2
       rounds=3, k=8, prompts_per_round=256, sample_batch=64, temperature=1.0,
       keep="best",  # best | threshold | top_frac
       threshold=0.0, top_frac=0.5,
-      train=cl.train(steps=60, batch_size=32, lr=3e-4, warmup_steps=5, log_every=10,
-                     ckpt_every=60, schedule="constant"),
+      train=cl.train(steps=40, batch_size=32, lr=3e-4, warmup_steps=5, log_every=10,
+                     ckpt_every=20, schedule="constant"),
   )
   c.evaluate = dict(batch_size=64, temperature=1.0)
 

@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/NAME.py[:ARG]).",
@@ -28,8 +28,23 @@ def _fail(code: int, msg: str):
   os._exit(code)  # skip atexit hooks that could block on a broken state
 
 
+def _parse_flags(argv):
+  """Bad --config overrides: one line and exit 2 (absl would print two lines and exit 1)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # e.g. --config.model.d_model=abc
+    _fail(EXIT_BAD_INPUT, str(e).splitlines()[0])
+  except (AttributeError, KeyError) as e:  # a --config.KEY the config does not have
+    name = str(e).strip("\"' ")
+    keys = [a[2:].split("=", 1)[0] for a in argv[1:]
+            if a.startswith("--config.") and name in a[2:].split("=", 1)[0].split(".")]
+    _fail(EXIT_BAD_INPUT, f"{keys[0] if keys else name}: no such config key")
+
+
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   from rlhf_jax import config_lib, pipeline
   from rlhf_jax.data.formats import DataError
   from rlhf_jax.train.checkpoint import CheckpointMismatch
@@ -48,7 +63,7 @@ def main(argv):
 
 def run():
   try:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
   except SystemExit:
     raise
   except Exception as e:  # a config override that does not parse, before main runs

@@ -18,6 +18,7 @@ import jax
 
 from rlhf_jax import config_lib
 from rlhf_jax.model.transformer import ModelConfig
+from rlhf_jax.train import loop
 from rlhf_jax.train import sharding as sh
 from rlhf_jax.train.checkpoint import CheckpointMismatch
 
@@ -121,6 +122,12 @@ def run(config, workdir: str) -> None:
   _check_workdir_config(config, workdir)
   ctx = Context(config, workdir, mesh)
   stages = [s.strip() for s in config.stages.split(",") if s.strip()]
+  with loop.PreemptionGuard() as guard:
+    _run_stages(ctx, stages, guard)
+
+
+def _run_stages(ctx, stages, guard) -> None:
+  config = ctx.config
   for name in stages:
     if ctx.is_done(name):
       print(f"[{name}] finished earlier ({ctx.stage_dir(name)}/summary.json); skipping", flush=True)
@@ -140,6 +147,9 @@ def run(config, workdir: str) -> None:
     print(f"[{name}] done in {summary['wall_seconds']:.1f}s: "
           + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
                       if isinstance(v, (int, float)) and k != "wall_seconds"), flush=True)
+    if guard.requested() and name != stages[-1]:
+      raise loop.Preempted(f"{name}: finished and saved, then preempted (SIGTERM); re-run the "
+                           f"same command to continue with the next stage")
   if "evaluate" in stages or set(stages) >= {"ppo", "best_of_k"}:
     from rlhf_jax import report
     report.write_report(ctx)

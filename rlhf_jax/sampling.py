@@ -76,6 +76,9 @@ def generate(model, params, prompt, prompt_mask, rng, sc: SampleConfig) -> dict:
   def body(carry):
     i, cache, logits, key, done, toks, logps, rmask = carry
     logits = logits.astype(jnp.float32) / temp
+    # Log-probs come from the plain tempered distribution, before the EOS ban and
+    # top-k/top-p, because that is what the training forward pass recomputes.
+    full_logp = jax.nn.log_softmax(logits, -1)
     if sc.min_new_tokens:
       logits = jnp.where((i < sc.min_new_tokens) & (jnp.arange(logits.shape[-1]) == sc.eos_id),
                          jnp.finfo(jnp.float32).min, logits)
@@ -84,7 +87,7 @@ def generate(model, params, prompt, prompt_mask, rng, sc: SampleConfig) -> dict:
       tok = jnp.argmax(logits, axis=-1)
     else:
       tok = jax.random.categorical(sub, _filter_logits(logits, sc), axis=-1)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], -1)[:, 0]
+    logp = jnp.take_along_axis(full_logp, tok[:, None], -1)[:, 0]
     live = ~done
     tok = jnp.where(live, tok, sc.pad_id).astype(jnp.int32)
     toks = jax.lax.dynamic_update_slice(toks, tok[:, None], (0, i))

@@ -30,18 +30,27 @@ class NonFinite(Exception):
 
 
 class PreemptionGuard:
-  """SIGTERM (TPU/spot preemption notice, `kill`) sets a flag the loop polls each step."""
+  """SIGTERM (TPU/spot preemption notice, `kill`) sets a flag the loop polls each step.
+
+  The pipeline enters one guard for the whole run (`ACTIVE`), so a SIGTERM that
+  arrives between training loops (data preparation, sampling stages) is seen
+  too: the pipeline stops after the current stage's work is saved.
+  """
 
   def __init__(self):
     self.flag = threading.Event()
     self._prev = None
 
   def __enter__(self):
+    global ACTIVE
     if threading.current_thread() is threading.main_thread():
       self._prev = signal.signal(signal.SIGTERM, lambda *_: self.flag.set())
+    self._outer, ACTIVE = ACTIVE, self
     return self
 
   def __exit__(self, *exc):
+    global ACTIVE
+    ACTIVE = self._outer
     if self._prev is not None:
       signal.signal(signal.SIGTERM, self._prev)
 
@@ -52,6 +61,22 @@ class PreemptionGuard:
       flags = multihost_utils.process_allgather(np.array([self.flag.is_set()]))
       return bool(np.any(flags))
     return self.flag.is_set()
+
+
+ACTIVE: PreemptionGuard | None = None
+
+
+class _Reuse:
+  """Use the run-wide guard inside a loop without re-installing the handler."""
+
+  def __init__(self, guard):
+    self.guard = guard
+
+  def __enter__(self):
+    return self.guard
+
+  def __exit__(self, *exc):
+    return False
 
 
 def _check_finite(name: str, step: int, row: dict, ckpt) -> None:
@@ -93,7 +118,7 @@ def train_loop(*, name: str, stage_dir: str, state: dict, step_fn: Callable, get
         progress.update(s, row, tokens_per_step * (s - progress._last))
     pending.clear()
 
-  with PreemptionGuard() as guard:
+  with (_Reuse(ACTIVE) if ACTIVE is not None else PreemptionGuard()) as guard:
     for s in range(start, total_steps):
       batch = sh.put_batch(get_batch(s), mesh)
       state, metrics = step_fn(state, batch, jax.random.fold_in(key, s))

@@ -1,0 +1,152 @@
+"""Several hosts on one machine: a stage run as 2 JAX processes (one CPU device each,
+`jax.distributed` over localhost) gives the result of 1 process.
+
+Processes find each other through RLHF_JAX_COORDINATOR / RLHF_JAX_NUM_PROCESSES /
+RLHF_JAX_PROCESS_ID and share one workdir. The 1-process side is the reference run
+of test_reliability.py (same config and overrides).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+import helpers as h
+from test_reliability import OVERRIDES, copy_before, reference_run
+
+REPORT: list[str] = []
+
+
+def free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def run_processes(workdir, *overrides, n: int = 2, timeout: float = 600) -> list[tuple[int, str, str]]:
+  """Start n processes of the same command together; (rc, stdout, stderr) of each."""
+  port = free_port()
+  procs = []
+  for i in range(n):
+    env = h.env()
+    env.update(RLHF_JAX_COORDINATOR=f"localhost:{port}", RLHF_JAX_NUM_PROCESSES=str(n),
+               RLHF_JAX_PROCESS_ID=str(i))
+    out = open(f"{workdir}.p{i}.out", "w")
+    err = open(f"{workdir}.p{i}.err", "w")
+    procs.append((subprocess.Popen(h.cli_args(workdir, *overrides), cwd=h.REPO, env=env,
+                                   stdout=out, stderr=err, text=True), out, err))
+  deadline = time.time() + timeout
+  try:
+    for p, _, _ in procs:
+      p.wait(timeout=max(1, deadline - time.time()))
+  finally:
+    for p, out, err in procs:
+      if p.poll() is None:  # one process failed and the other waits for it forever
+        p.kill()
+        p.wait()
+      out.close()
+      err.close()
+  res = []
+  for i, (p, _, _) in enumerate(procs):
+    with open(f"{workdir}.p{i}.out") as f, open(f"{workdir}.p{i}.err") as g:
+      res.append((p.returncode, f.read(), g.read()))
+  return res
+
+
+def _check_ok(res):
+  for i, (rc, _, err) in enumerate(res):
+    assert rc == 0, f"process {i} exit {rc}:\n{err[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  return reference_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def multihost_report(request):
+  yield
+  tr = request.config.pluginmanager.getplugin("terminalreporter")
+  cap = request.config.pluginmanager.getplugin("capturemanager")
+  with cap.global_and_fixture_disabled():
+    for l in [""] + REPORT:
+      (tr.write_line(l) if tr is not None else print(l))
+
+
+def _max_rel_diff(a: dict, b: dict, keys) -> dict:
+  out = {}
+  for k in keys:
+    x, y = a[k], b[k]
+    if isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool):
+      out[k] = abs(x - y)
+  return out
+
+
+def test_pretrain_two_processes_match_one(reference, tmp_path):
+  wd = str(tmp_path / "wd")
+  t0 = time.time()
+  res = run_processes(wd, *OVERRIDES, "--config.stages=pretrain")
+  _check_ok(res)
+  seconds = time.time() - t0
+  one = h.read_json(os.path.join(reference, "pretrain", "summary.json"))
+  two = h.read_json(os.path.join(wd, "pretrain", "summary.json"))
+  ref_ck = h.restore_all(os.path.join(reference, "pretrain"))
+  got_ck = h.restore_all(os.path.join(wd, "pretrain"))
+  assert ref_ck["step"] == got_ck["step"]
+  assert sorted(ref_ck["arrays"]) == sorted(got_ck["arrays"])
+  diffs = {k: float(np.max(np.abs(ref_ck["arrays"][k].astype(np.float64) - got_ck["arrays"][k])))
+           if ref_ck["arrays"][k].size else 0.0 for k in ref_ck["arrays"]}
+  params_diff = max(v for k, v in diffs.items() if k.startswith("params"))
+  n_equal = sum(np.array_equal(ref_ck["arrays"][k], got_ck["arrays"][k]) for k in diffs)
+  REPORT.append(f"multihost pretrain: 2 processes {seconds:.1f}s; eval_loss 1 proc "
+                f"{one['eval_loss']!r} vs 2 procs {two['eval_loss']!r} "
+                f"(diff {abs(one['eval_loss'] - two['eval_loss']):.3g}); checkpoint arrays "
+                f"bit-equal {n_equal}/{len(diffs)}, max |param diff| {params_diff:.3g}")
+  rows1 = h.read_jsonl(os.path.join(reference, "pretrain", "metrics.jsonl"))
+  rows2 = h.read_jsonl(os.path.join(wd, "pretrain", "metrics.jsonl"))
+  assert [r["step"] for r in rows1] == [r["step"] for r in rows2]
+  for r1, r2 in zip(rows1, rows2):
+    for k in ("loss", "eval_loss"):
+      if k in r1:
+        assert r2[k] == pytest.approx(r1[k], rel=1e-5, abs=1e-6), (r1, r2)
+  assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-6, abs=1e-6)
+  for k, d in diffs.items():
+    assert d <= 1e-5 * max(1.0, float(np.max(np.abs(ref_ck["arrays"][k])))), (k, d)
+
+
+def test_ppo_two_processes_match_one(reference, tmp_path):
+  """PPO after pretrain..reward by one process: the sampled rollouts, the KL controller and
+  the held-out evaluation agree with the single-process run."""
+  wd = copy_before(reference, "ppo", tmp_path / "wd")
+  t0 = time.time()
+  res = run_processes(wd, *OVERRIDES, "--config.stages=ppo")
+  _check_ok(res)
+  seconds = time.time() - t0
+  one = h.read_json(os.path.join(reference, "ppo", "summary.json"))
+  two = h.read_json(os.path.join(wd, "ppo", "summary.json"))
+  keys = [k for k, v in one.items() if isinstance(v, (int, float)) and k != "wall_seconds"]
+  diffs = _max_rel_diff(one, two, keys)
+  worst = max(diffs, key=diffs.get)
+  REPORT.append(f"multihost ppo: 2 processes {seconds:.1f}s; summary fields {len(diffs)}, "
+                f"exactly equal {sum(d == 0 for d in diffs.values())}, largest diff "
+                f"{worst}={diffs[worst]:.3g}; kl_coef_final {one['kl_coef_final']!r} vs "
+                f"{two['kl_coef_final']!r}")
+  for k in keys:
+    a, b = one[k], two[k]
+    if isinstance(a, float) and math.isnan(a):
+      assert math.isnan(b), k
+    else:
+      assert b == pytest.approx(a, rel=1e-4, abs=1e-5), (k, a, b)
+  rows1 = h.read_jsonl(os.path.join(reference, "ppo", "metrics.jsonl"))
+  rows2 = h.read_jsonl(os.path.join(wd, "ppo", "metrics.jsonl"))
+  assert [r["step"] for r in rows1] == [r["step"] for r in rows2]
+  for r1, r2 in zip(rows1, rows2):
+    for k in ("kl_coef", "proxy_reward", "eval_proxy_reward", "eval_kl", "response_length"):
+      if k in r1:
+        assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-5), (k, r1, r2)

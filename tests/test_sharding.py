@@ -1,0 +1,126 @@
+"""One code path from one device to a mesh: 8 fake CPU devices give the same numbers.
+
+The device count is fixed when JAX starts, so the multi-device parts run in a
+subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8.
+"""
+import math
+import os
+
+import helpers
+
+_STEP_SCRIPT = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np
+from rlhf_jax import config_lib as cl
+from rlhf_jax.model.transformer import ModelConfig
+from rlhf_jax.stages.common import lm_losses
+from rlhf_jax.train import sharding as sh, state as st
+from rlhf_jax.train.optim import make_optimizer
+from rlhf_jax.train.step import compile_step, make_train_step
+
+assert jax.device_count() == 8
+cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64, max_len=32)
+opt_cfg = cl.optimizer(1e-2, weight_decay=0.01)
+rng = np.random.default_rng(0)
+B, L = 8, 16
+tokens = rng.integers(0, 64, (B, L)).astype(np.int32)
+mask = np.ones((B, L), bool)
+mask[::2, 11:] = False  # some right padding
+loss_mask = mask.astype(np.float32)
+loss_mask[:, 0] = 0
+batch = dict(tokens=tokens, mask=mask, loss_mask=loss_mask)
+
+def train(mesh, params0):
+  model = st.make_model(cfg, mesh)
+  opt = make_optimizer(opt_cfg, 10)
+  loss_fn, _ = lm_losses(model)
+  fresh = lambda p: {"params": p, "opt_state": opt.init(p), "step": jnp.zeros((), jnp.int32)}
+  init_state, abstract = st.jit_init(fresh, st.abstract_params(model))
+  state = init_state(jax.device_put(params0, st.param_shardings(model)))
+  step = compile_step(make_train_step(loss_fn, opt, grad_accum=2), mesh, st.shardings_of(abstract), batch)
+  losses = []
+  for i in range(3):
+    state, m = step(state, sh.put_batch(batch, mesh), jax.random.key(i))
+    losses.append(float(m["loss"]))
+  return state, losses
+
+mesh1 = sh.mesh_of((1, 1, 1), jax.devices()[:1])
+mesh8 = sh.mesh_of((2, 2, 2), jax.devices())
+key = jax.random.key(3)
+params1 = st.init_params(st.make_model(cfg, mesh1), key)
+params8 = st.init_params(st.make_model(cfg, mesh8), key)  # created sharded
+mlp = params8["layer_0"]["mlp"]  # every MLP kernel: one axis over fsdp, one over tensor
+init_diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8)))
+params0 = jax.tree.map(np.asarray, params1)
+s1, l1 = train(mesh1, params0)
+s8, l8 = train(mesh8, params0)
+p1 = jax.tree_util.tree_flatten_with_path(s1["params"])[0]
+p8 = jax.tree.leaves(s8["params"])
+diffs = {}
+for (path, a), b in zip(p1, p8):
+  a, b = np.asarray(a), np.asarray(b)
+  diffs[jax.tree_util.keystr(path)] = [float(np.max(np.abs(a - b))), float(np.max(np.abs(a)))]
+shards = lambda tree: {jax.tree_util.keystr(p): [list(x.shape), list(x.addressable_shards[0].data.shape),
+                                                  str(x.sharding.spec), x.sharding.is_fully_replicated]
+                        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+print(json.dumps(dict(
+    losses1=l1, losses8=l8, diffs=diffs, init_diff=init_diff,
+    mlp=shards(mlp), trained_mlp=shards(s8["params"]["layer_0"]["mlp"]),
+    embed_shard=list(params8["embed"].addressable_shards[0].data.shape),
+    step8=int(s8["step"]), n_devices=len(params8["embed"].sharding.device_set))))
+"""
+
+
+def test_sharded_train_step_matches_one_device():
+  r = helpers.run_script(_STEP_SCRIPT, devices=8, timeout=300)
+  # (b) parameters really are split over the mesh, at init and after a step.
+  assert r["mlp"] and r["mlp"].keys() == r["trained_mlp"].keys()
+  for tree in (r["mlp"], r["trained_mlp"]):  # at init and after the jitted step
+    for name, (shape, shard, spec, replicated) in tree.items():
+      assert not replicated, (name, spec)
+      assert math.prod(shard) * 4 == math.prod(shape), (name, shape, shard, spec)  # fsdp=2 x tensor=2
+  assert r["embed_shard"] == [32, 16], r  # vocab over tensor, embed over fsdp
+  assert r["n_devices"] == 8
+  # Sharded init gives the same random weights as single-device init.
+  assert r["init_diff"] < 1e-6, r["init_diff"]
+  # (a) same losses and same updated parameters (float32 tolerance).
+  assert r["step8"] == 3
+  for a, b in zip(r["losses1"], r["losses8"]):
+    assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (r["losses1"], r["losses8"])
+  assert r["losses1"][-1] < r["losses1"][0]  # the steps did train
+  for name, (diff, scale) in r["diffs"].items():
+    assert diff <= 1e-6 + 1e-5 * scale, (name, diff, scale)
+
+
+_MESH = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+_MODEL = ["--config.model.n_heads=2", "--config.model.n_kv_heads=2"]
+
+
+def test_pretrain_cli_on_mesh_matches_one_device(tmp_path):
+  from configs import tiny
+  from rlhf_jax import config_lib
+  c = tiny.get_config("test")
+  c.mesh.update(data=2, fsdp=2, tensor=2)
+  c.model.update(n_heads=2, n_kv_heads=2)
+  config_lib.validate(c, 8)  # the overrides below form a valid 8-device config
+
+  steps = ["--config.stages=pretrain", "--config.pretrain.steps=6", "--config.pretrain.eval_every=6",
+           "--config.pretrain.ckpt_every=6"]
+  one = helpers.run_cli(tmp_path / "one", *steps, *_MODEL, timeout=300)
+  assert one.returncode == 0, one.stderr[-3000:]
+  eight = helpers.run_cli(tmp_path / "eight", *steps, *_MODEL, *_MESH, devices=8, timeout=300)
+  assert eight.returncode == 0, eight.stderr[-3000:]
+  s1 = helpers.read_json(tmp_path / "one" / "pretrain" / "summary.json")
+  s8 = helpers.read_json(tmp_path / "eight" / "pretrain" / "summary.json")
+  rel = abs(s1["eval_loss"] - s8["eval_loss"]) / abs(s1["eval_loss"])
+  print(f"eval_loss 1 device {s1['eval_loss']!r}, 8 devices {s8['eval_loss']!r}, rel diff {rel:.2e}")
+  assert rel < 1e-4, (s1["eval_loss"], s8["eval_loss"])
+  assert math.isclose(s1["init_eval_loss"], s8["init_eval_loss"], rel_tol=1e-5)
+  assert s8["eval_loss"] < s8["init_eval_loss"]
+  # The 8-device checkpoint was written from sharded arrays and holds full-size params.
+  a1 = helpers.restore_all(str(tmp_path / "one" / "pretrain"))["arrays"]
+  a8 = helpers.restore_all(str(tmp_path / "eight" / "pretrain"))["arrays"]
+  assert a1.keys() == a8.keys()
+  for k in a1:
+    assert a1[k].shape == a8[k].shape, k
