@@ -50,7 +50,7 @@ def get_config(arg="tiny"):
                        d_ff=2816, max_len=1024, **gpu)
   else:  # llama_1b
     c.model = cl.model(vocab_size=32000, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
-                       d_ff=8192, max_len=1024, tie_embeddings=False, **gpu)
+                       d_ff=8192, max_len=1024, **gpu)
 
   # LM step (pretrain/SFT). packed=True: no padding mask, so model.attention=cudnn takes
   # the fused causal kernel; packed=False passes a mask as SFT does (XLA attention).
@@ -83,12 +83,11 @@ def get_config(arg="tiny"):
     c.sampler.batch_sizes = "64,256"
   elif arg == "llama_1b":
     # The PPO sizing of docs/performance.md: rollout batch 64 x 512 tokens, four 1B models.
-    c.isolate = True
     c.train.update(batch_size=8)
     c.reward.update(batch_size=4)
     c.sampler.update(batch_sizes="64,256", prompt_len=64, new_tokens=128)
     c.ppo.update(prompt_len=256, response_len=256, minibatches=4, epochs=1)
   if arg != "tiny":
-    c.isolate = True
+    c.isolate = True  # per-section peak memory; one section's OOM leaves the others
   c.lock()
   return c

@@ -68,6 +68,9 @@ def get_config(arg=None):
       opt=cl.optimizer(1e-4, b1=0.9, b2=0.95, eps=1e-5, schedule="constant", clip_norm=1.0),
       critic_lr=3e-4,
   )
+  # Best-of-n evaluation (Stiennon et al. 2020; Gao et al. 2022) and rejection-sampling
+  # fine-tuning: sample K, keep the RM's best, fine-tune, repeat (Dong et al. 2023 "RAFT";
+  # Touvron et al. 2023 "Llama 2" rejection sampling).
   c.best_of_k = dict(
       eval_pool=16,  # N samples per held-out prompt for the best-of-n curve, n = 1..N/2
       rounds=3, k=8, prompts_per_round=256, sample_batch=64, temperature=1.0,

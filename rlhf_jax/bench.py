@@ -552,7 +552,7 @@ def hf_spec(config, sections: list[str]) -> dict:
   return {"model": {k: m[k] for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                                       "d_ff", "max_len", "rope_theta", "tie_embeddings", "norm_eps")},
           "bf16": m.dtype == "bfloat16", "seed": config.seed, "warmup": config.warmup,
-          "steps": config.steps,
+          "steps": int(config.train.steps or config.steps),
           "train": ({"batch_size": config.train.batch_size, "seq_len": config.train.seq_len}
                     if "train" in sections else None),
           "sampler": ({"batch_sizes": _batch_sizes(config), "prompt_len": config.sampler.prompt_len,
@@ -665,9 +665,14 @@ def run_hf(config, sections: list[str], workdir: str) -> dict:
 
 
 def _hf_ratios(results: dict, hf: dict) -> dict:
+  """ours / HF tokens per second (> 1: we are faster); adds the HF train step's MFU."""
   ratios = {}
-  if "train" in hf and "tokens_per_s" in results.get("train", {}):
-    ratios["train_tokens_per_s"] = results["train"]["tokens_per_s"] / hf["train"]["tokens_per_s"]
+  ours_train = results.get("train", {})
+  if "train" in hf and "tokens_per_s" in ours_train:
+    ratios["train_tokens_per_s"] = ours_train["tokens_per_s"] / hf["train"]["tokens_per_s"]
+    peak = results.get("peak", {}).get("peak_flops")
+    if peak:
+      hf["train"]["mfu"] = hf["train"]["tokens_per_s"] * ours_train["flops_per_token"] / peak
   ours = {r["batch_size"]: r for r in results.get("sampler", {}).get("runs", [])}
   for r in hf.get("sampler", []):
     o = ours.get(r["batch_size"], {})
@@ -757,6 +762,12 @@ def _gib(x):
   return "n/a" if x is None else f"{x / 2**30:.2f} GiB"
 
 
+def _compiled(d: dict) -> str:
+  b = d.get("compiled_bytes") or {}
+  return (f"compiled in {d.get('compile_s', 0):.1f} s; XLA memory analysis: arguments "
+          f"{_gib(b.get('arguments'))}, temp {_gib(b.get('temp'))}, total {_gib(b.get('total'))}")
+
+
 def format_table(r: dict) -> str:
   rows = []
   peak = r.get("peak", {})
@@ -772,8 +783,10 @@ def format_table(r: dict) -> str:
       rows.append((f"{name} step", f"{_fmt(d['tokens_per_s'])} tok/s, MFU {pct(d)}, "
                                    f"{d['step_s'] * 1e3:.1f} ms/step, peak {_gib(d['peak_bytes'])}"))
     elif d:
-      rows.append((f"{name} step", d.get("error") or f"compiled bytes {d.get('compiled_bytes')}"))
+      rows.append((f"{name} step", d.get("error") or _compiled(d)))
   for run_ in r.get("sampler", {}).get("runs", []):
+    if "compiled_bytes" in run_ and "tokens_per_s" not in run_:
+      rows.append((f"sampler b={run_['batch_size']}", _compiled(run_)))
     if "tokens_per_s" in run_:
       rows.append((f"sampler b={run_['batch_size']}",
                    f"{_fmt(run_['tokens_per_s'])} tok/s ({run_['tokens_generated']} tokens/call), "
@@ -787,20 +800,25 @@ def format_table(r: dict) -> str:
     rows.append(("  rollout fraction", f"{d['rollout_fraction']:.2f} of parts, "
                                        f"{d['rollout_fraction_of_iteration']:.2f} of the fused iteration"))
   elif d:
-    rows.append(("ppo", d.get("error") or "compiled only"))
+    rows.append(("ppo", d.get("error") or ""))
+    for k, v in d.get("compiled_bytes", {}).items():
+      rows.append((f"  {k}", _compiled({"compiled_bytes": v, "compile_s": d["compile_s"][k]})))
   hf = r.get("hf", {})
   rows.append(("hf transformers", hf.get("status")))
+  if "train" in hf:
+    mfu = f", MFU {100 * hf['train']['mfu']:.1f}%" if "mfu" in hf["train"] else ""
+    rows.append(("  hf train step", f"{_fmt(hf['train']['tokens_per_s'])} tok/s{mfu}"))
+  for run_ in hf.get("sampler", []):
+    rows.append((f"  hf sampler b={run_['batch_size']}",
+                 f"{_fmt(run_['tokens_per_s'])} tok/s" if "tokens_per_s" in run_ else run_["error"]))
   for k, v in hf.get("ratios_ours_over_hf", {}).items():
     rows.append((f"  ours/hf {k}", f"{v:.2f}x"))
   width = max(len(a) for a, _ in rows)
   return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/bench.py:PRESET", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where bench.json goes.")
-
-
 def _argv_without_workdir(argv: list[str]) -> list[str]:
+  """The command line minus --workdir, for the per-section child processes."""
   out, skip = [], False
   for a in argv:
     if skip:
@@ -812,15 +830,23 @@ def _argv_without_workdir(argv: list[str]) -> list[str]:
   return out
 
 
-def main(argv):
-  del argv
-  try:
-    run(_CONFIG.value, _WORKDIR.value, argv=_argv_without_workdir(sys.argv[1:]))
-  except ConfigError as e:
-    print(f"rlhf_jax.bench: error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+def cli():
+  # Flags are defined here, not at import, so importing this module next to
+  # rlhf_jax.main (which defines --config too) does not clash.
+  config = config_flags.DEFINE_config_file("config", None, "configs/bench.py:PRESET", lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, "Where bench.json goes.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def main(argv):
+    del argv
+    try:
+      run(config.value, workdir.value, argv=_argv_without_workdir(sys.argv[1:]))
+    except ConfigError as e:
+      print(f"rlhf_jax.bench: error: {e}", file=sys.stderr, flush=True)
+      sys.exit(2)
+
+  app.run(main)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli()

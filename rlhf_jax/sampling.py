@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.model.transformer import init_cache
+from rlhf_jax.model.transformer import DTYPES, init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +61,13 @@ def generate(model, params, prompt, prompt_mask, rng, sc: SampleConfig) -> dict:
   b, p = prompt.shape
   n = sc.max_new_tokens
   cfg = model.cfg
+  # Cast the weights to the compute dtype once, outside the decode loop; the layers
+  # would otherwise convert every f32 kernel again at each generated token. The
+  # training pass casts the same way, so the log-probs still agree.
+  dt = DTYPES[cfg.dtype]
+  if dt != jnp.float32:
+    params = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                          params)
   cache = init_cache(cfg, b, p + n)
   kv_mask = jnp.concatenate([prompt_mask, jnp.ones((b, n), bool)], axis=1)
   prompt_pos = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)

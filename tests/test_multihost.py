@@ -2,14 +2,18 @@
 `jax.distributed` over localhost) gives the result of 1 process.
 
 Processes find each other through RLHF_JAX_COORDINATOR / RLHF_JAX_NUM_PROCESSES /
-RLHF_JAX_PROCESS_ID and share one workdir. The 1-process side is the reference run
-of test_reliability.py (same config and overrides).
+RLHF_JAX_PROCESS_ID and share one workdir. Comparisons:
+- pretrain: bit-identical to 1 process with 2 (fake) CPU devices, the same
+  data-parallel program, so any difference would be a multi-host bug (data
+  slicing, RNG, saving);
+- pretrain and PPO: within float32 rounding of the 1-device reference run of
+  test_reliability.py (same config and overrides), whose gradient sums run in
+  another order.
 """
 from __future__ import annotations
 
 import math
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -18,7 +22,7 @@ import numpy as np
 import pytest
 
 import helpers as h
-from test_reliability import OVERRIDES, copy_before, reference_run
+from test_reliability import OVERRIDES, assert_same_stage, copy_before, reference_run
 
 REPORT: list[str] = []
 
@@ -79,7 +83,12 @@ def multihost_report(request):
       (tr.write_line(l) if tr is not None else print(l))
 
 
-def _max_rel_diff(a: dict, b: dict, keys) -> dict:
+def _numbers(summary: dict) -> dict:
+  return {k: v for k, v in summary.items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "wall_seconds"}
+
+
+def _abs_diffs(a: dict, b: dict, keys) -> dict:
   out = {}
   for k in keys:
     x, y = a[k], b[k]
@@ -88,12 +97,30 @@ def _max_rel_diff(a: dict, b: dict, keys) -> dict:
   return out
 
 
+def _bit_identical(a: str, b: str, stage: str) -> str | None:
+  """None if stage outputs in workdirs a and b are bit-identical, else the first difference."""
+  try:
+    assert_same_stage(a, b, stage)
+  except AssertionError as e:
+    return str(e).splitlines()[0]
+  return None
+
+
+def _known_bug(res, needle: str, why: str):
+  if any(rc != 0 and needle in err for rc, _, err in res):
+    pytest.xfail(why)
+
+
 def test_pretrain_two_processes_match_one(reference, tmp_path):
   wd = str(tmp_path / "wd")
   t0 = time.time()
   res = run_processes(wd, *OVERRIDES, "--config.stages=pretrain")
   _check_ok(res)
   seconds = time.time() - t0
+  # Same program on one process with two devices: bit-identical.
+  p = h.run_cli(tmp_path / "one_x2", *OVERRIDES, "--config.stages=pretrain", devices=2, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  x2_diff = _bit_identical(str(tmp_path / "one_x2"), wd, "pretrain")
   one = h.read_json(os.path.join(reference, "pretrain", "summary.json"))
   two = h.read_json(os.path.join(wd, "pretrain", "summary.json"))
   ref_ck = h.restore_all(os.path.join(reference, "pretrain"))
@@ -104,7 +131,8 @@ def test_pretrain_two_processes_match_one(reference, tmp_path):
            if ref_ck["arrays"][k].size else 0.0 for k in ref_ck["arrays"]}
   params_diff = max(v for k, v in diffs.items() if k.startswith("params"))
   n_equal = sum(np.array_equal(ref_ck["arrays"][k], got_ck["arrays"][k]) for k in diffs)
-  REPORT.append(f"multihost pretrain: 2 processes {seconds:.1f}s; eval_loss 1 proc "
+  REPORT.append(f"multihost pretrain: 2 processes {seconds:.1f}s; vs 1 process x 2 devices: "
+                f"{x2_diff or 'bit-identical'}; vs 1 device: eval_loss "
                 f"{one['eval_loss']!r} vs 2 procs {two['eval_loss']!r} "
                 f"(diff {abs(one['eval_loss'] - two['eval_loss']):.3g}); checkpoint arrays "
                 f"bit-equal {n_equal}/{len(diffs)}, max |param diff| {params_diff:.3g}")
@@ -118,6 +146,7 @@ def test_pretrain_two_processes_match_one(reference, tmp_path):
   assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-6, abs=1e-6)
   for k, d in diffs.items():
     assert d <= 1e-5 * max(1.0, float(np.max(np.abs(ref_ck["arrays"][k])))), (k, d)
+  assert x2_diff is None, x2_diff
 
 
 def test_ppo_two_processes_match_one(reference, tmp_path):
@@ -126,14 +155,17 @@ def test_ppo_two_processes_match_one(reference, tmp_path):
   wd = copy_before(reference, "ppo", tmp_path / "wd")
   t0 = time.time()
   res = run_processes(wd, *OVERRIDES, "--config.stages=ppo")
+  _known_bug(res, "Received incompatible devices",
+             "rlhf_jax/stages/ppo.py: frozen gain/bias are jnp.float32 scalars on one local "
+             "device; make them replicated global arrays (see the reliability report)")
   _check_ok(res)
   seconds = time.time() - t0
   one = h.read_json(os.path.join(reference, "ppo", "summary.json"))
   two = h.read_json(os.path.join(wd, "ppo", "summary.json"))
-  keys = [k for k, v in one.items() if isinstance(v, (int, float)) and k != "wall_seconds"]
-  diffs = _max_rel_diff(one, two, keys)
+  keys = list(_numbers(one))
+  diffs = _abs_diffs(one, two, keys)
   worst = max(diffs, key=diffs.get)
-  REPORT.append(f"multihost ppo: 2 processes {seconds:.1f}s; summary fields {len(diffs)}, "
+  REPORT.append(f"multihost ppo: 2 processes {seconds:.1f}s; vs 1 device: summary fields {len(diffs)}, "
                 f"exactly equal {sum(d == 0 for d in diffs.values())}, largest diff "
                 f"{worst}={diffs[worst]:.3g}; kl_coef_final {one['kl_coef_final']!r} vs "
                 f"{two['kl_coef_final']!r}")

@@ -83,8 +83,8 @@ def make_evaluator(ctx, eval_loss: Callable, batches: list[dict]):
 def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_loss: Callable,
                      train_arrays: dict, eval_arrays: dict, init_params: Callable | None,
                      extra_meta: dict | None = None, tokens_per_example: int = 0,
-                     seed_offset: int = 0) -> dict:
-  """Train `model` on `train_arrays` with `loss_fn`; returns summary figures.
+                     seed_offset: int = 0) -> tuple[dict, dict]:
+  """Train `model` on `train_arrays` with `loss_fn`; returns (summary figures, final state).
 
   init_params(): params to start from (another stage's checkpoint), or None
   for random initialisation. Only called when there is no checkpoint of this
@@ -131,12 +131,16 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
   return summary, state
 
 
-def lm_losses(model, temperature: float = 1.0):
-  """(train loss, eval loss) for next-token prediction with a target mask."""
+def lm_losses(model, packed: bool = False):
+  """(train loss, eval loss) for next-token prediction with a target mask.
+
+  packed=True: rows are full (no padding), so no mask is passed and the model
+  takes the plain causal path (a fused causal kernel with attention=cudnn).
+  """
   from rlhf_jax.losses import lm_loss
 
   def loss(params, batch, rng=None):
-    out = model.apply({"params": params}, batch["tokens"], batch["mask"])
+    out = model.apply({"params": params}, batch["tokens"], None if packed else batch["mask"])
     return lm_loss(out["logits"], batch["tokens"], batch["loss_mask"])
 
   return loss, loss

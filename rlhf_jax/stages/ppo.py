@@ -49,8 +49,12 @@ def run(ctx) -> dict:
   policy_opt = make_optimizer(pc.opt, pc.iterations)
   critic_opt = make_optimizer(_with_lr(pc.opt, pc.critic_lr), pc.iterations)
   iteration = make_iteration(model, model, policy_opt, critic_opt, pc, sc, prompt_len)
+  # Scalars as replicated global arrays: with several processes a host-local scalar
+  # would live on one device only and jit would reject it.
+  scalar = lambda v: jax.make_array_from_callback((), sh.replicated(ctx.mesh),
+                                                  lambda _: np.float32(v))
   frozen = {"ref": sft_params, "reward": reward.params,
-            "gain": jnp.float32(reward.gain), "bias": jnp.float32(reward.bias)}
+            "gain": scalar(reward.gain), "bias": scalar(reward.bias)}
 
   def fresh_state(policy, critic):
     s = {"params": policy, "opt_state": policy_opt.init(policy), "step": jnp.zeros((), jnp.int32),

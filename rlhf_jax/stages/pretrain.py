@@ -9,7 +9,7 @@ def run(ctx) -> dict:
   cfg = ctx.config
   train, evals = ctx.sources.corpus_rows()
   model = st.make_model(ctx.model_cfg, ctx.mesh)
-  loss, eval_loss = common.lm_losses(model)
+  loss, eval_loss = common.lm_losses(model, packed=True)
   summary, _ = common.train_supervised(
       ctx, "pretrain", cfg.pretrain, model=model, loss_fn=loss, eval_loss=eval_loss,
       train_arrays=train, eval_arrays=evals, init_params=None,
