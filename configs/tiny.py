@@ -49,10 +49,10 @@ def get_config(arg=None):
   c.reward.normalize_samples = 512  # SFT samples on RL prompts for the gain/bias (Ziegler et al. 2019)
 
   c.ppo = dict(
-      iterations=40, rollout_batch=64, minibatches=4, epochs=2, response_len=32,
+      iterations=24, rollout_batch=64, minibatches=4, epochs=2, response_len=32,
       temperature=1.0,  # sampling temperature; log-probs use it everywhere (Huang et al. 2024)
       kl_mode="fixed",  # fixed | adaptive (Ziegler et al. 2019)
-      kl_coef=0.02, kl_target=6.0, kl_horizon=10_000,
+      kl_coef=0.05, kl_target=6.0, kl_horizon=10_000,
       kl_estimator="k1",  # per-token penalty: k1 = logp - ref_logp (InstructGPT)
       critic="separate",  # separate model from the reward model (InstructGPT) | shared backbone
       gae_gamma=1.0, gae_lambda=0.95,  # Ziegler et al. 2019 defaults
@@ -64,7 +64,7 @@ def get_config(arg=None):
       use_eos_penalty=True,
       ptx_coef=0.0,  # PPO-ptx: gamma_ptx * pretraining LM loss (InstructGPT)
       ptx_batch=8,
-      eval_every=10, log_every=1, ckpt_every=10,
+      eval_every=6, log_every=1, ckpt_every=6,
       opt=cl.optimizer(1e-4, b1=0.9, b2=0.95, eps=1e-5, schedule="constant", clip_norm=1.0),
       critic_lr=3e-4,
   )

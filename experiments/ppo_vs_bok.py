@@ -12,7 +12,9 @@
    fine-tuning; its stage also records the best-of-n curve of the SFT policy).
 3. Matched compute: each arm's PPO iterations / best-of-K rounds are chosen to spend
    about `--budget` FLOPs (or sampled tokens with --match tokens); the default budget
-   is what config.ppo.iterations PPO iterations spend. Both figures are reported.
+   is what 2 x config.ppo.iterations PPO iterations spend (BUDGET_SCALE): twice the
+   pipeline's PPO, enough optimisation pressure for over-optimisation to show at KL 0.
+   Both figures are reported.
 4. `--seeds N` runs each arm with config.seed = 0..N-1. config.seed only changes the
    RL stage's randomness (the stage's RNG key and batch order); the data (prompts,
    corpus, demonstrations, annotator noise) come from config.data.seed, and the
@@ -112,6 +114,9 @@ def bok_compute(cfg, model_cfg) -> dict:
                    + trained * flops_per_token(model_cfg, seq)}
 
 
+BUDGET_SCALE = 2  # default budget, in units of the pipeline's PPO compute
+
+
 def plan_arms(cfg, arms: list[str], model_cfg, *, match: str = "flops", budget: float | None = None,
               min_rounds: int = 2) -> tuple[float, list[dict]]:
   """Iterations (PPO) or rounds (best-of-K) per arm so each spends about `budget`.
@@ -125,7 +130,7 @@ def plan_arms(cfg, arms: list[str], model_cfg, *, match: str = "flops", budget: 
     raise ValueError(f"--match must be flops or tokens, got {match!r}")
   unit = "flops" if match == "flops" else "tokens_sampled"
   if budget is None:
-    budget = cfg.ppo.iterations * ppo_compute(cfg, model_cfg)[unit]
+    budget = BUDGET_SCALE * cfg.ppo.iterations * ppo_compute(cfg, model_cfg)[unit]
   plans = []
   for name in arms:
     stage, overrides = parse_arm(name)
@@ -435,7 +440,7 @@ def parse_args(argv=None):
   p.add_argument("--match", choices=("flops", "tokens"), default="flops")
   p.add_argument("--budget", type=float, default=None,
                  help="per-arm FLOPs (or sampled tokens with --match tokens); "
-                      "default: what config.ppo.iterations PPO iterations spend")
+                      "default: what 2 x config.ppo.iterations PPO iterations spend")
   p.add_argument("--arms", default=None, help=f"comma-separated (default {DEFAULT_ARMS})")
   p.add_argument("--min_rounds", type=int, default=2, help="fewest best-of-K rounds per arm")
   p.add_argument("--quick", action="store_true",

@@ -201,9 +201,9 @@ def test_compute_matching():
   arms = ["ppo_kl0", "ppo_adaptive", "bok_k4", "bok_k16"]
   budget, plans = pvb.plan_arms(cfg, arms, mcfg)
   per_iter = pvb.ppo_compute(cfg, mcfg)
-  assert budget == pytest.approx(cfg.ppo.iterations * per_iter["flops"])
+  assert budget == pytest.approx(pvb.BUDGET_SCALE * cfg.ppo.iterations * per_iter["flops"])
   by = {p["arm"]: p for p in plans}
-  assert by["ppo_kl0"]["steps"] == cfg.ppo.iterations  # the default budget is PPO's own
+  assert by["ppo_kl0"]["steps"] == pvb.BUDGET_SCALE * cfg.ppo.iterations  # default budget
   for p in plans:  # every arm within half a step of the budget
     per = p["est_flops"] / p["steps"]
     assert abs(p["est_flops"] - budget) <= per / 2 + 1e-6 * budget, p
