@@ -65,6 +65,7 @@ def get_config(arg=None):
       ptx_coef=0.0,  # PPO-ptx: gamma_ptx * pretraining LM loss (InstructGPT)
       ptx_batch=8,
       eval_every=6, log_every=1, ckpt_every=6,
+      nonfinite="stop",  # stop | skip: a non-finite minibatch update is always dropped; skip goes on
       opt=cl.optimizer(1e-4, b1=0.9, b2=0.95, eps=1e-5, schedule="constant", clip_norm=1.0),
       critic_lr=3e-4,
   )

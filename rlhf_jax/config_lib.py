@@ -158,6 +158,7 @@ def _validate_rl(config, dp: int, n_processes: int) -> None:
   _choice(config, "ppo.kl_mode", ("fixed", "adaptive"))
   _choice(config, "ppo.kl_estimator", ("k1", "k3"))
   _choice(config, "ppo.critic", ("separate", "shared"))
+  _choice(config, "ppo.nonfinite", ("stop", "skip"))
   if p.temperature <= 0:
     _fail("ppo.temperature", f"must be > 0, got {p.temperature}")
   if not (0 < p.gae_gamma <= 1 and 0 <= p.gae_lambda <= 1):

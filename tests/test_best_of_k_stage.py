@@ -152,10 +152,25 @@ def test_one_round_raises_toy_reward():
 
 # ------------------------------------------------------ pipeline end to end
 
-def test_best_of_k_and_evaluate_stages_end_to_end(tmp_path):
+def _numbers(obj):
+  """Every number in a JSON tree (summaries nest lists of points)."""
+  if isinstance(obj, bool):
+    return
+  if isinstance(obj, (int, float)):
+    yield obj
+  elif isinstance(obj, dict):
+    for v in obj.values():
+      yield from _numbers(v)
+  elif isinstance(obj, list):
+    for v in obj:
+      yield from _numbers(v)
+
+
+def test_whole_pipeline_end_to_end(tmp_path):
+  """All seven stages at test size: every summary finite, the report and its plots written,
+  and an interrupted best_of_k stage re-run skips its finished rounds."""
   cmd = [sys.executable, "-m", "rlhf_jax.main", "--config", "configs/tiny.py:test",
-         "--workdir", str(tmp_path),
-         "--config.stages=pretrain,sft,label,reward,best_of_k,evaluate"]
+         "--workdir", str(tmp_path)]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   t0 = time.time()
@@ -177,9 +192,18 @@ def test_best_of_k_and_evaluate_stages_end_to_end(tmp_path):
   assert (tmp_path / "best_of_k" / "round_2" / "checkpoints").is_dir()
   with open(tmp_path / "evaluate" / "summary.json") as f:
     ev = json.load(f)
-  assert [p["name"] for p in ev["policies"]] == ["sft", "best_of_k"]  # ppo did not run
-  assert set(ev["frontier"]) == {"best_of_n", "best_of_k"}
+  assert [p["name"] for p in ev["policies"]] == ["sft", "ppo", "best_of_k"]
+  assert set(ev["frontier"]) == {"ppo", "best_of_n", "best_of_k"}
   assert all(pt["d"] >= 0 for pts in ev["frontier"].values() for pt in pts)
+  for stage in ("pretrain", "sft", "label", "reward", "ppo", "best_of_k", "evaluate"):
+    with open(tmp_path / stage / "summary.json") as f:
+      nums = list(_numbers(json.load(f)))
+    assert nums and all(math.isfinite(x) for x in nums), stage
+  report = (tmp_path / "report.md").read_text()
+  for png in ("frontier.png", "loss_curves.png", "ppo_curves.png"):
+    assert f"({png})" in report
+    data = (tmp_path / png).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
 
   # Re-running finishes nothing twice: an unfinished stage skips its finished rounds.
   os.remove(tmp_path / "best_of_k" / "summary.json")

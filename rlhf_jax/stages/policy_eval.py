@@ -132,6 +132,15 @@ class PolicyEvaluator:
             "no_eos_frac": float(1.0 - np.mean(s["ended"]))}
 
 
+def _stop_if_preempted():
+  """Sampling-only stages (label, normalisation, best-of-K rounds) have no loop to save
+  from; they keep no partial state and are deterministic, so they stop and re-run."""
+  from rlhf_jax.train import loop
+  if loop.ACTIVE is not None and loop.ACTIVE.requested():
+    raise loop.Preempted("preempted (SIGTERM) while sampling; finished work is saved, "
+                         "re-run the same command to continue")
+
+
 def sample_rows(ctx, gen, params, prompts: dict, batch_size: int, key, reward: RewardModel | None = None):
   """Sample one response for every row of `prompts` (host arrays), in global batches.
 
@@ -145,6 +154,7 @@ def sample_rows(ctx, gen, params, prompts: dict, batch_size: int, key, reward: R
   lo = jax.process_index() * per_host
   out = {"response": [], "response_mask": [], "ended": [], "proxy": []}
   for start in range(0, n, batch_size):
+    _stop_if_preempted()
     rows = np.arange(start, start + batch_size) % n
     host = {k: v[rows[lo:lo + per_host]] for k, v in prompts.items()}
     b = sh.put_batch(host, ctx.mesh)

@@ -58,7 +58,7 @@ def run(ctx) -> dict:
 
   def fresh_state(policy, critic):
     s = {"params": policy, "opt_state": policy_opt.init(policy), "step": jnp.zeros((), jnp.int32),
-         "kl_coef": jnp.float32(pc.kl_coef)}
+         "kl_coef": jnp.float32(pc.kl_coef), "skipped": jnp.zeros((), jnp.int32)}
     if pc.critic != "shared":
       s.update(critic_params=critic, critic_opt_state=critic_opt.init(critic))
     return s
@@ -112,7 +112,8 @@ def run(ctx) -> dict:
       total_steps=pc.iterations, key=ctx.key("ppo"), mesh=ctx.mesh, ckpt=ckpt,
       meta_fn=lambda s: {**meta, "data_position": s}, log_every=pc.log_every,
       ckpt_every=pc.ckpt_every, eval_fn=lambda s: evaluator.evaluate(s["params"]),
-      eval_every=pc.eval_every, host_fn=host_fn, tokens_per_step=compute["tokens_sampled"])
+      eval_every=pc.eval_every, host_fn=host_fn, tokens_per_step=compute["tokens_sampled"],
+      nonfinite=pc.nonfinite)
   ckpt.close()
   sft_eval = evaluator.evaluate(sft_params)
   final = evaluator.evaluate(state["params"])
@@ -123,6 +124,7 @@ def run(ctx) -> dict:
       "kl": final["kl"], "win_rate_vs_sft": final["win_rate_vs_sft"],
       "response_length": final["response_length"], "no_eos_frac": final["no_eos_frac"],
       "kl_coef_final": float(sh.to_host(state["kl_coef"])), "iterations": pc.iterations,
+      "skipped_updates": int(sh.to_host(state["skipped"])),
       "tokens_sampled_per_iteration": compute["tokens_sampled"],
       "flops_per_iteration": compute["flops"], "params": param_count(ctx.model_cfg),
       "eval_points": points,

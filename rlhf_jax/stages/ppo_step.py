@@ -134,8 +134,13 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
       new_beta = rl.adaptive_kl_update(beta, kl_mean, b, pc.kl_target, pc.kl_horizon)
     else:
       new_beta = beta
+    # Minibatch updates with a non-finite loss/gradient were skipped above; count the
+    # iterations that had any (the loop stops on them unless ppo.nonfinite=skip).
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1,
                      kl_coef=new_beta)
+    if "skipped" in state:
+      bad = ~(upd["finite_loss"] & upd["finite_grads"])
+      new_state["skipped"] = state["skipped"] + bad.astype(jnp.int32)
     if not shared:
       new_state.update(critic_params=cparams, critic_opt_state=copt)
     lengths = jnp.sum(rmask, axis=-1)
