@@ -2,7 +2,12 @@
 
   python -m rlhf_jax.main --config configs/tiny.py --workdir runs/tiny
 
-Variants: `configs/tiny.py:test` shrinks everything for the test suite.
+Variants: `configs/tiny.py:test` shrinks everything for the test suite;
+`configs/tiny.py:gpu` is the same pipeline and ablation at a larger size for one
+accelerator (a 24M-parameter model, bf16, bigger batches and datasets):
+
+  python -m rlhf_jax.main --config configs/tiny.py:gpu --workdir runs/gpu
+  python -m experiments.ppo_vs_bok --config configs/tiny.py:gpu --workdir runs/ablation_gpu
 Stages: pretrain -> sft -> label -> reward -> ppo -> best_of_k -> evaluate.
 """
 import ml_collections as mlc
@@ -84,6 +89,10 @@ def get_config(arg=None):
 
   if arg == "test":
     _shrink(c)
+  elif arg == "gpu":
+    _grow(c)
+  elif arg:
+    raise ValueError(f"configs/tiny.py: unknown variant {arg!r}; known: test, gpu")
   c.lock()
   return c
 
@@ -103,3 +112,27 @@ def _shrink(c):
   c.best_of_k.update(eval_pool=4, rounds=2, k=2, prompts_per_round=16, sample_batch=8)
   c.best_of_k.train.update(steps=4, batch_size=8, log_every=2, ckpt_every=4)
   c.evaluate.batch_size = 8
+
+
+def _grow(c):
+  """One accelerator: same world and recipe, ~24M parameters, bf16 compute."""
+  c.model.update(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=1408, max_len=128,
+                 dtype="bfloat16")
+  c.data.update(corpus_docs=400_000, sft_examples=20_000, reward_prompts=8_000, rl_prompts=8_000,
+                eval_prompts=512, vocab_size=1024, seq_len=128, max_len=96, prompt_len=32)
+  c.pretrain.update(steps=3_000, batch_size=128, eval_every=500, log_every=50, ckpt_every=500)
+  c.pretrain.opt.update(lr=1e-3, warmup_steps=200)
+  c.sft.update(steps=600, batch_size=64, eval_every=200, log_every=50, ckpt_every=200)
+  c.sft.opt.update(lr=3e-4, warmup_steps=50)
+  c.label.update(batch_size=256)
+  c.reward.update(steps=500, batch_size=64, eval_every=100, log_every=50, ckpt_every=100)
+  c.reward.opt.lr = 1e-4
+  c.reward.normalize_samples = 2048
+  c.ppo.update(iterations=100, rollout_batch=256, minibatches=4, eval_every=10, ckpt_every=10,
+               log_every=5)
+  c.ppo.opt.lr = 2e-5
+  c.ppo.critic_lr = 5e-5
+  c.best_of_k.update(eval_pool=64, rounds=4, k=16, prompts_per_round=1024, sample_batch=256)
+  c.best_of_k.train.update(steps=200, batch_size=64, ckpt_every=100, log_every=20)
+  c.best_of_k.train.opt.lr = 5e-5
+  c.evaluate.batch_size = 256

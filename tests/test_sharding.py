@@ -3,6 +3,7 @@
 The device count is fixed when JAX starts, so the multi-device parts run in a
 subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 """
+import json
 import math
 import os
 
@@ -124,3 +125,36 @@ def test_pretrain_cli_on_mesh_matches_one_device(tmp_path):
   assert a1.keys() == a8.keys()
   for k in a1:
     assert a1[k].shape == a8[k].shape, k
+
+
+def test_ppo_iteration_on_mesh_matches_one_device(tmp_path):
+  """One PPO iteration (rollout, four forwards, GAE, updates) on data=2,fsdp=2,tensor=2
+  matches one device, starting from the same SFT / reward checkpoints."""
+  import shutil
+  ppo = ["--config.ppo.iterations=1", "--config.ppo.eval_every=1", "--config.ppo.ckpt_every=1"]
+  one = tmp_path / "one"
+  p = helpers.run_cli(one, "--config.stages=pretrain,sft,label,reward,ppo", *ppo, *_MODEL,
+                      timeout=400)
+  assert p.returncode == 0, p.stderr[-3000:]
+  eight = tmp_path / "eight"
+  eight.mkdir()
+  for name in ("pretrain", "sft", "label", "reward"):
+    shutil.copytree(one / name, eight / name)
+  for name in ("tokenizer.model", "config.json"):
+    shutil.copy(one / name, eight / name)
+  p = helpers.run_cli(eight, "--config.stages=ppo", *ppo, *_MODEL, *_MESH, devices=8, timeout=400)
+  assert p.returncode == 0, p.stderr[-3000:]
+  r1 = [json.loads(l) for l in open(one / "ppo" / "metrics.jsonl")]
+  r8 = [json.loads(l) for l in open(eight / "ppo" / "metrics.jsonl")]
+  assert [r["step"] for r in r1] == [r["step"] for r in r8]
+  worst = 0.0
+  for a, b in zip(r1, r8):
+    for k in ("proxy_reward", "kl", "policy_loss", "value_loss", "explained_variance",
+              "response_length", "gold_reward", "eval_gold_reward", "eval_kl"):
+      if k in a:
+        worst = max(worst, abs(a[k] - b[k]) / max(abs(a[k]), 1e-3))
+        assert math.isclose(a[k], b[k], rel_tol=1e-3, abs_tol=1e-4), (k, a[k], b[k])
+  print(f"PPO iteration, 1 vs 8 devices: largest relative difference {worst:.2e}")
+  s1 = helpers.read_json(one / "ppo" / "summary.json")
+  s8 = helpers.read_json(eight / "ppo" / "summary.json")
+  assert math.isclose(s1["gold_reward"], s8["gold_reward"], rel_tol=1e-4, abs_tol=1e-5)
