@@ -28,18 +28,16 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax import rl
 from rlhf_jax.config_lib import ConfigError
-from rlhf_jax.losses import entropy_from_logits, lm_loss, token_logprobs
+from rlhf_jax.losses import lm_loss
 from rlhf_jax.model.transformer import ModelConfig, flops_per_token, param_count
 from rlhf_jax.sampling import SampleConfig, make_generate
 from rlhf_jax.stages import reward as reward_stage
-from rlhf_jax.stages.policy_eval import reward_scores
 from rlhf_jax.stages.ppo_step import make_iteration
 from rlhf_jax.train import sharding as sh
 from rlhf_jax.train import state as st
 from rlhf_jax.train.optim import make_optimizer
-from rlhf_jax.train.step import accumulate_grads, apply_update, compile_step, make_train_step
+from rlhf_jax.train.step import compile_step, make_train_step
 
 SECTIONS = ("train", "reward", "sampler", "ppo")
 
@@ -339,84 +337,16 @@ def bench_sampler(env: Env) -> dict:
   return {"prompt_len": p, "new_tokens": n, "temperature": s.temperature, "runs": runs}
 
 
-def ppo_parts(model, policy_opt, critic_opt, pc, prompt_len: int):
-  """`score(params, critic_params, frozen, g)` and `update(state, scored, rng) -> state`.
-
-  The same computation as `ppo_step.make_iteration` minus the rollout, split in two
-  so each part can be timed; written from the same public functions (rl.gae,
-  rl.policy_loss, ...) because make_iteration's pieces are closures.
-  """
-  shared, temp, n_mb, p = pc.critic == "shared", pc.temperature, pc.minibatches, prompt_len
+def ppo_parts(model, policy_opt, critic_opt, pc, prompt_len: int, sc):
+  """`score(params, critic_params, frozen, g)` and `update(state, scored, rng) -> state`:
+  the pieces of `ppo_step.make_iteration` after the rollout, timed separately."""
+  it = make_iteration(model, model, policy_opt, critic_opt, pc, sc, prompt_len)
 
   def score(params, critic_params, frozen, g):
-    tokens, mask = g["tokens"], g["mask"]
-    out = model.apply({"params": params}, tokens, mask, scalar=shared)
-    old_logp = token_logprobs(out["logits"], tokens, temp)[:, p - 1:]
-    ref = model.apply({"params": frozen["ref"]}, tokens, mask)
-    ref_logp = token_logprobs(ref["logits"], tokens, temp)[:, p - 1:]
-    if shared:
-      values = out["scalar"][:, p - 1:-1]
-    else:
-      values = model.apply({"params": critic_params}, tokens, mask, logits=False,
-                           scalar=True)["scalar"][:, p - 1:-1]
-    s, _ = reward_scores(model, frozen["reward"], tokens, mask, frozen["gain"], frozen["bias"])
-    if pc.use_eos_penalty:
-      s = jnp.where(g["ended"], s, pc.missing_eos_penalty)
-    if pc.reward_clip > 0:
-      s = jnp.clip(s, -pc.reward_clip, pc.reward_clip)
-    return dict(tokens=tokens, mask=mask, rmask=g["response_mask"], old_logp=old_logp,
-                ref_logp=ref_logp, values=values, score=s)
-
-  def policy_loss_fn(params, mb, rng):
-    out = model.apply({"params": params}, mb["tokens"], mb["mask"], scalar=shared)
-    logits = out["logits"][:, p - 1:-1]
-    logp = token_logprobs(out["logits"], mb["tokens"], temp)[:, p - 1:]
-    loss, _ = rl.policy_loss(logp, mb["old_logp"], mb["adv"], mb["rmask"], pc.clip_eps)
-    loss = loss - pc.entropy_coef * entropy_from_logits(logits / temp, mb["rmask"])
-    if shared:
-      vl, _ = rl.value_loss(out["scalar"][:, p - 1:-1], mb["values"], mb["returns"], mb["rmask"],
-                            pc.value_clip_eps)
-      loss = loss + pc.vf_coef * vl
-    return loss, {}
-
-  def critic_loss_fn(params, mb, rng):
-    v = model.apply({"params": params}, mb["tokens"], mb["mask"], logits=False,
-                    scalar=True)["scalar"][:, p - 1:-1]
-    vl, _ = rl.value_loss(v, mb["values"], mb["returns"], mb["rmask"], pc.value_clip_eps)
-    return pc.vf_coef * vl, {}
+    return it.score({"params": params, "critic_params": critic_params}, frozen, g)
 
   def update(state, ro, rng):
-    rmask = ro["rmask"]
-    rewards, _ = rl.token_rewards(ro["score"], ro["old_logp"], ro["ref_logp"], rmask,
-                                  state["kl_coef"], pc.kl_estimator)
-    if pc.whiten_rewards:
-      rewards = rl.whiten(rewards, rmask, shift_mean=False)
-    adv, returns = rl.gae(rewards, ro["values"], rmask, pc.gae_gamma, pc.gae_lambda)
-    if pc.whiten_advantages:
-      adv = rl.whiten(adv, rmask)
-    data = dict(tokens=ro["tokens"], mask=ro["mask"], rmask=rmask, old_logp=ro["old_logp"],
-                values=ro["values"], adv=adv, returns=returns)
-    b = rmask.shape[0]
-    perms = jnp.concatenate([jax.random.permutation(k, b) for k in jax.random.split(rng, pc.epochs)])
-    perms = perms.reshape(pc.epochs * n_mb, b // n_mb)
-
-    def one(carry, idx):
-      params, opt_state, cparams, copt = carry
-      mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
-      loss, grads, _ = accumulate_grads(policy_loss_fn, params, mb, rng, 1)
-      params, opt_state, _ = apply_update(policy_opt, params, opt_state, grads, loss, "skip")
-      if not shared:
-        closs, cgrads, _ = accumulate_grads(critic_loss_fn, cparams, mb, rng, 1)
-        cparams, copt, _ = apply_update(critic_opt, cparams, copt, cgrads, closs, "skip")
-      return (params, opt_state, cparams, copt), None
-
-    carry = (state["params"], state["opt_state"], state.get("critic_params", {}),
-             state.get("critic_opt_state", {}))
-    (params, opt_state, cparams, copt), _ = jax.lax.scan(one, carry, perms)
-    new = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
-    if not shared:
-      new.update(critic_params=cparams, critic_opt_state=copt)
-    return new
+    return it.update(state, ro, {}, rng)[0]
 
   return score, update
 
@@ -469,7 +399,7 @@ def bench_ppo(env: Env) -> dict:
   fused = jax.jit(iteration, in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, abstract_frozen),
                                            jax.tree.map(lambda x: x.sharding, a_batch), scalar_sh),
                   out_shardings=(state_sh, scalar_sh), donate_argnums=(0,))
-  score_fn, update_fn = ppo_parts(model, policy_opt, critic_opt, pc, p)
+  score_fn, update_fn = ppo_parts(model, policy_opt, critic_opt, pc, p, sc)
   rollout = make_generate(model, sc, mesh, st.param_shardings(model))
   score = jax.jit(score_fn)
   update = jax.jit(update_fn, out_shardings=state_sh, donate_argnums=(0,))

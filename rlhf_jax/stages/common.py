@@ -13,7 +13,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rlhf_jax.data.batching import Batcher
 from rlhf_jax.train import sharding as sh

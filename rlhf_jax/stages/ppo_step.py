@@ -30,14 +30,25 @@ def _response_logits(model, params, tokens, mask, prompt_len, scalar=False):
   return out, out["logits"][:, prompt_len - 1:-1]
 
 
-def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_len: int):
-  """pc: config.ppo; sc: SampleConfig for rollouts."""
+def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_len: int,
+                   score_fn=None):
+  """pc: config.ppo; sc: SampleConfig for rollouts.
+
+  score_fn(tokens, mask, response, response_mask, ended) -> [B], if given, replaces the
+  reward model (a programmatic reward; frozen['reward'] is then unused). The parts are
+  exposed for benchmarks: `iteration.rollout(state, batch, rng)`,
+  `iteration.score(state, frozen, rollout)` and
+  `iteration.update(state, scored, batch, rng) -> (state, metrics, aux)`.
+  """
   shared = pc.critic == "shared"
   temp = pc.temperature
   n_mb = pc.minibatches
 
-  def rollout_and_score(state, frozen, batch, rng):
-    g = generate(model, state["params"], batch["prompt"], batch["prompt_mask"], rng, sc)
+  def rollout(state, batch, rng):
+    return generate(model, state["params"], batch["prompt"], batch["prompt_mask"], rng, sc)
+
+  def score(state, frozen, g):
+    """The four forward passes over a rollout: policy, reference, critic, reward."""
     tokens, mask, rmask = g["tokens"], g["mask"], g["response_mask"]
     # Recompute the old log-probs with the training forward pass (the sampler's agree
     # to float tolerance; the update's ratio must start at exactly 1).
@@ -50,8 +61,12 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
     else:
       values = critic_model.apply({"params": state["critic_params"]}, tokens, mask, logits=False,
                                   scalar=True)["scalar"][:, prompt_len - 1:-1]
-    # The reward model has the policy's architecture (it is initialised from SFT).
-    score, raw = reward_scores(model, frozen["reward"], tokens, mask, frozen["gain"], frozen["bias"])
+    if score_fn is None:
+      # The reward model has the policy's architecture (it is initialised from SFT).
+      score, raw = reward_scores(model, frozen["reward"], tokens, mask, frozen["gain"],
+                                 frozen["bias"])
+    else:
+      score = raw = score_fn(tokens, mask, g["response"], rmask, g["ended"])
     proxy = score
     if pc.use_eos_penalty:  # Huang et al. 2024: no EOS -> fixed low score
       score = jnp.where(g["ended"], score, pc.missing_eos_penalty)
@@ -86,9 +101,9 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
     vl, vm = rl.value_loss(v, mb["values"], mb["returns"], mb["rmask"], pc.value_clip_eps)
     return pc.vf_coef * vl, {"value_loss": vl, **vm}
 
-  def iteration(state, frozen, batch, rng):
-    r_roll, r_perm = jax.random.split(rng)
-    ro = rollout_and_score(state, frozen, batch, r_roll)
+  def update(state, ro, batch, rng):
+    """Rewards, GAE and epochs x minibatches of updates on one scored rollout."""
+    r_perm = rng
     rmask = ro["rmask"]
     beta = state["kl_coef"]
     rewards, kl_tok = rl.token_rewards(ro["score"], ro["old_logp"], ro["ref_logp"], rmask, beta,
@@ -104,7 +119,7 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
     perms = jnp.concatenate([jax.random.permutation(k, b) for k in
                              jax.random.split(r_perm, pc.epochs)]).reshape(pc.epochs * n_mb, b // n_mb)
 
-    def update(carry, idx):
+    def minibatch_step(carry, idx):
       params, opt_state, cparams, copt = carry
       mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
       if pc.ptx_coef > 0:
@@ -124,7 +139,7 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
 
     carry = (state["params"], state["opt_state"], state.get("critic_params", {}),
              state.get("critic_opt_state", {}))
-    (params, opt_state, cparams, copt), ms = jax.lax.scan(update, carry, perms)
+    (params, opt_state, cparams, copt), ms = jax.lax.scan(minibatch_step, carry, perms)
     upd = jax.tree.map(lambda x: x[-1] if x.dtype == jnp.bool_ else jnp.mean(x), ms)
     upd["finite_loss"] = jnp.all(ms["finite_loss"])
     upd["finite_grads"] = jnp.all(ms["finite_grads"])
@@ -143,6 +158,15 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
       new_state["skipped"] = state["skipped"] + bad.astype(jnp.int32)
     if not shared:
       new_state.update(critic_params=cparams, critic_opt_state=copt)
+    aux = dict(rewards=rewards, adv=adv, returns=returns, kls=kls, kl_mean=kl_mean, beta=beta)
+    return new_state, upd, aux
+
+  def iteration(state, frozen, batch, rng):
+    r_roll, r_perm = jax.random.split(rng)
+    ro = score(state, frozen, rollout(state, batch, r_roll))
+    new_state, upd, aux = update(state, ro, batch, r_perm)
+    rmask, rewards, adv, returns = ro["rmask"], aux["rewards"], aux["adv"], aux["returns"]
+    kls, kl_mean, beta = aux["kls"], aux["kl_mean"], aux["beta"]
     lengths = jnp.sum(rmask, axis=-1)
     metrics = {
         "proxy_reward": jnp.mean(ro["proxy"]), "proxy_reward_raw": jnp.mean(ro["raw"]),
@@ -158,4 +182,5 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
     }
     return new_state, metrics
 
+  iteration.rollout, iteration.score, iteration.update = rollout, score, update
   return iteration

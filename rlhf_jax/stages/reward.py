@@ -105,7 +105,7 @@ def normalization(ctx, model, params) -> tuple[float, float, dict]:
 
 
 def run(ctx) -> dict:
-  cfg, rc = ctx.config, ctx.config.reward
+  rc = ctx.config.reward
   model = st.make_model(ctx.model_cfg, ctx.mesh)
   (train, evals), raw_eval, counts = ctx.sources.rankings(
       os.path.join(ctx.stage_dir("label"), "data"), max_k=None, eval_frac=rc.eval_frac)
