@@ -436,7 +436,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True)
   p.add_argument("--config", default="configs/tiny.py", help="configs/NAME.py[:ARG]")
-  p.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; 1 with --quick)")
+  p.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 1; e.g. 3 to show the spread)")
   p.add_argument("--match", choices=("flops", "tokens"), default="flops")
   p.add_argument("--budget", type=float, default=None,
                  help="per-arm FLOPs (or sampled tokens with --match tokens); "
@@ -452,7 +452,7 @@ def parse_args(argv=None):
   a = p.parse_args(argv)
   if a.quick and ":" not in a.config:
     a.config += ":test"
-  a.seeds = a.seeds if a.seeds is not None else (1 if a.quick else 3)
+  a.seeds = a.seeds if a.seeds is not None else 1
   a.arms = [s.strip() for s in (a.arms or (QUICK_ARMS if a.quick else DEFAULT_ARMS)).split(",") if s.strip()]
   if a.seeds < 1:
     p.error("--seeds must be >= 1")
