@@ -268,8 +268,9 @@ def test_ppo_vs_bok_quick_end_to_end(tmp_path):
                      cwd=helpers.REPO, env=helpers.env(), capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   md = (wd / "report.md").read_text()
-  iters = pvb.BUDGET_SCALE * 3  # the :test config's PPO runs 3 iterations
-  assert f"| ppo_kl0 | {iters} iterations |" in md and "| bok_k2 | 2 rounds |" in md
+  from experiments import ppo_vs_bok
+  iters = ppo_vs_bok.BUDGET_SCALE * 3  # the :test config's PPO runs 3 iterations
+  assert f"| ppo_kl0 | {iters} iterations |" in md and "| bok_k2 | 3 rounds |" in md
   assert "## Over-optimisation" in md and "best-of-n, n=2" in md
   for png in _pngs(md):
     _assert_png(wd / png)
