@@ -13,6 +13,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.data.batching import Batcher
 from rlhf_jax.train import sharding as sh
@@ -59,10 +60,7 @@ def eval_batches(arrays: dict, batch_size: int, n_batches: int, mesh=None) -> li
       raise ValueError(f"evaluation set of {rows} rows is smaller than the {dp} data-parallel "
                        f"devices; use more data")
   n = min(n_batches, rows // batch_size)
-  per_host = batch_size // jax.process_count()
-  lo = jax.process_index() * per_host
-  return [{k: v[i * batch_size + lo: i * batch_size + lo + per_host] for k, v in arrays.items()}
-          for i in range(n)]
+  return [sh.host_slice(arrays, np.arange(i * batch_size, (i + 1) * batch_size)) for i in range(n)]
 
 
 def make_evaluator(ctx, eval_loss: Callable, batches: list[dict]):

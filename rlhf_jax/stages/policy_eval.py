@@ -88,10 +88,8 @@ class PolicyEvaluator:
 
   def _batches(self):
     n = len(self.texts) // self.batch_size * self.batch_size
-    per_host = self.batch_size // jax.process_count()
-    lo = jax.process_index() * per_host
     for i in range(0, n, self.batch_size):
-      yield i, {k: v[i + lo:i + lo + per_host] for k, v in self.prompts.items()}
+      yield i, sh.host_slice(self.prompts, np.arange(i, i + self.batch_size))
 
   def samples(self, params, key=0):
     """Sample once per held-out prompt; returns host arrays and per-sample figures."""
@@ -149,17 +147,11 @@ def sample_rows(ctx, gen, params, prompts: dict, batch_size: int, key, reward: R
   arrays: response, response_mask, ended, index, texts and (with a reward
   model) proxy scores.
   """
-  n = len(prompts["prompt"])
-  per_host = batch_size // jax.process_count()
-  lo = jax.process_index() * per_host
   out = {"response": [], "response_mask": [], "ended": [], "proxy": []}
-  for start in range(0, n, batch_size):
+  for start, keep, host in sh.global_batches(prompts, batch_size):
     _stop_if_preempted()
-    rows = np.arange(start, start + batch_size) % n
-    host = {k: v[rows[lo:lo + per_host]] for k, v in prompts.items()}
     b = sh.put_batch(host, ctx.mesh)
     g = gen(params, b["prompt"], b["prompt_mask"], jax.random.fold_in(key, start))
-    keep = min(batch_size, n - start)
     for k in ("response", "response_mask", "ended"):
       out[k].append(sh.to_host(g[k])[:keep])
     if reward is not None:

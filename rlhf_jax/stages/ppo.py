@@ -8,6 +8,9 @@ rate), the points that feed the PPO-vs-best-of-K frontier.
 """
 from __future__ import annotations
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,8 +142,6 @@ def _with_lr(opt_cfg, lr):
 
 def _eval_points(ctx, sft_eval, compute) -> list[dict]:
   """Held-out evaluations from metrics.jsonl (all of them, also from before a resume)."""
-  import json
-  import os
   pts = [{"iteration": 0, "gold_reward": sft_eval["gold_reward"],
           "proxy_reward": sft_eval["proxy_reward"], "kl": 0.0, "flops": 0.0, "tokens_sampled": 0}]
   with open(os.path.join(ctx.stage_dir("ppo"), "metrics.jsonl")) as f:

@@ -25,7 +25,7 @@ import numpy as np
 from rlhf_jax.losses import ranking_loss
 from rlhf_jax.sampling import make_generate
 from rlhf_jax.stages import common
-from rlhf_jax.stages.policy_eval import last_index, sample_config
+from rlhf_jax.stages.policy_eval import last_index, sample_config, sample_rows
 from rlhf_jax.train import sharding as sh
 from rlhf_jax.train import state as st
 
@@ -55,14 +55,11 @@ def _fresh_head(model, params, key):
 
 def _rewards_of(ctx, model, params, arrays: dict, batch_size: int) -> np.ndarray:
   fn = jax.jit(functools.partial(response_rewards, model))
-  n = len(arrays["tokens"])
+  inputs = {k: arrays[k] for k in ("tokens", "mask")}
   out = []
-  for start in range(0, n, batch_size):
-    rows = np.arange(start, start + batch_size) % n
-    per = batch_size // jax.process_count()
-    lo = jax.process_index() * per
-    b = sh.put_batch({k: arrays[k][rows[lo:lo + per]] for k in ("tokens", "mask")}, ctx.mesh)
-    out.append(sh.to_host(fn(params, b["tokens"], b["mask"]))[:min(batch_size, n - start)])
+  for _, keep, host in sh.global_batches(inputs, batch_size):
+    b = sh.put_batch(host, ctx.mesh)
+    out.append(sh.to_host(fn(params, b["tokens"], b["mask"]))[:keep])
   return np.concatenate(out)
 
 
@@ -91,10 +88,9 @@ def normalization(ctx, model, params) -> tuple[float, float, dict]:
   prompts = {k: v[:n] for k, v in prompts.items()}
   gen = make_generate(model, sample_config(ctx, cfg.ppo.response_len, cfg.ppo.temperature),
                       ctx.mesh, st.param_shardings(model))
-  from rlhf_jax.stages.policy_eval import sample_rows
   s = sample_rows(ctx, gen, sft_params, prompts, cfg.label.batch_size, ctx.key("reward_norm"))
   # Score the exact sampled sequences (prompt + response) as PPO will.
-  tokens = np.concatenate([np.repeat(prompts["prompt"], 1, 0), s["response"]], axis=1)
+  tokens = np.concatenate([prompts["prompt"], s["response"]], axis=1)
   mask = np.concatenate([prompts["prompt_mask"], s["response_mask"]], axis=1)
   raw = _rewards_of(ctx, model, params, {"tokens": tokens[:, None], "mask": mask[:, None]},
                     cfg.label.batch_size)[:, 0]

@@ -7,6 +7,7 @@ nothing and skips nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from typing import Callable
@@ -66,19 +67,6 @@ class PreemptionGuard:
 ACTIVE: PreemptionGuard | None = None
 
 
-class _Reuse:
-  """Use the run-wide guard inside a loop without re-installing the handler."""
-
-  def __init__(self, guard):
-    self.guard = guard
-
-  def __enter__(self):
-    return self.guard
-
-  def __exit__(self, *exc):
-    return False
-
-
 def _check_finite(name: str, step: int, row: dict, ckpt) -> None:
   for key, label in (("finite_loss", "loss"), ("finite_grads", "gradient norm")):
     if key in row and not row[key]:
@@ -115,10 +103,12 @@ def train_loop(*, name: str, stage_dir: str, state: dict, step_fn: Callable, get
           row.update(host_fn(s, {k: v for k, v in m.items() if k.startswith("_")}))
         row = writer.write(s, row)
         rows.append(row)
-        progress.update(s, row, tokens_per_step * (s - progress._last))
+        progress.update(s, row, tokens_per_step)
     pending.clear()
 
-  with (_Reuse(ACTIVE) if ACTIVE is not None else PreemptionGuard()) as guard:
+  # Inside a pipeline run the run-wide guard is already installed: reuse it.
+  guard_cm = contextlib.nullcontext(ACTIVE) if ACTIVE is not None else PreemptionGuard()
+  with guard_cm as guard:
     for s in range(start, total_steps):
       batch = sh.put_batch(get_batch(s), mesh)
       state, metrics = step_fn(state, batch, jax.random.fold_in(key, s))

@@ -78,8 +78,8 @@ class Progress:
       self._bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
     self._last = start
 
-  def update(self, step: int, row: dict, tokens: int = 0):
-    self.tokens += tokens
+  def update(self, step: int, row: dict, tokens_per_step: int = 0):
+    self.tokens += tokens_per_step * (step - self._last)
     elapsed = max(time.time() - self.t0, 1e-9)
     tps = self.tokens / elapsed
     done = step - self.start

@@ -98,6 +98,26 @@ def put_batch(batch: dict, mesh: Mesh) -> dict:
   return jax.tree.map(put, batch)
 
 
+def host_slice(arrays: dict, rows) -> dict:
+  """This process's contiguous share of the global batch made of `rows` (row indices)."""
+  per = len(rows) // jax.process_count()
+  lo = jax.process_index() * per
+  idx = np.asarray(rows)[lo:lo + per]
+  return {k: v[idx] for k, v in arrays.items()}
+
+
+def global_batches(arrays: dict, batch_size: int):
+  """Every row once, in global batches; the last one is filled up by wrapping around.
+
+  Yields (start, n_real, host slice): a caller keeps the first n_real rows of a
+  batch's (gathered) outputs, so every row is processed exactly once.
+  """
+  n = len(next(iter(arrays.values())))
+  for start in range(0, n, batch_size):
+    rows = np.arange(start, start + batch_size) % n
+    yield start, min(batch_size, n - start), host_slice(arrays, rows)
+
+
 def to_host(x):
   """Fully replicated / addressable global array -> numpy on every host."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
