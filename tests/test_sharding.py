@@ -43,7 +43,9 @@ def train(mesh, params0):
   for i in range(3):
     state, m = step(state, sh.put_batch(batch, mesh), jax.random.key(i))
     losses.append(float(m["loss"]))
-  return state, losses
+    if i == 0:  # copied now: the next step donates the state's buffers
+      first = jax.tree.map(np.asarray, state["params"])
+  return state, losses, first
 
 mesh1 = sh.mesh_of((1, 1, 1), jax.devices()[:1])
 mesh8 = sh.mesh_of((2, 2, 2), jax.devices())
@@ -54,19 +56,22 @@ mlp = params8["layer_0"]["mlp"]  # every MLP kernel: one axis over fsdp, one ove
 init_diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                 for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8)))
 params0 = jax.tree.map(np.asarray, params1)
-s1, l1 = train(mesh1, params0)
-s8, l8 = train(mesh8, params0)
-p1 = jax.tree_util.tree_flatten_with_path(s1["params"])[0]
-p8 = jax.tree.leaves(s8["params"])
-diffs = {}
-for (path, a), b in zip(p1, p8):
-  a, b = np.asarray(a), np.asarray(b)
-  diffs[jax.tree_util.keystr(path)] = [float(np.max(np.abs(a - b))), float(np.max(np.abs(a)))]
+s1, l1, first1 = train(mesh1, params0)
+s8, l8, first8 = train(mesh8, params0)
+
+def param_diffs(t1, t8):
+  out = {}
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(t1)[0], jax.tree.leaves(t8)):
+    a, b = np.asarray(a), np.asarray(b)
+    d, scale = np.abs(a - b), float(np.max(np.abs(a)))
+    out[jax.tree_util.keystr(path)] = [float(d.max()), scale, int(np.sum(d > 1e-6 + 1e-5 * scale)), a.size]
+  return out
+diffs1, diffs = param_diffs(first1, first8), param_diffs(s1["params"], s8["params"])
 shards = lambda tree: {jax.tree_util.keystr(p): [list(x.shape), list(x.addressable_shards[0].data.shape),
                                                   str(x.sharding.spec), x.sharding.is_fully_replicated]
                         for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 print(json.dumps(dict(
-    losses1=l1, losses8=l8, diffs=diffs, init_diff=init_diff,
+    losses1=l1, losses8=l8, diffs1=diffs1, diffs=diffs, init_diff=init_diff,
     mlp=shards(mlp), trained_mlp=shards(s8["params"]["layer_0"]["mlp"]),
     embed_shard=list(params8["embed"].addressable_shards[0].data.shape),
     step8=int(s8["step"]), n_devices=len(params8["embed"].sharding.device_set))))
@@ -90,8 +95,16 @@ def test_sharded_train_step_matches_one_device():
   for a, b in zip(r["losses1"], r["losses8"]):
     assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (r["losses1"], r["losses8"])
   assert r["losses1"][-1] < r["losses1"][0]  # the steps did train
-  for name, (diff, scale) in r["diffs"].items():
-    assert diff <= 1e-6 + 1e-5 * scale, (name, diff, scale)
+  # Parameters agree to float32 precision, except on the rare element whose gradient
+  # nearly cancels to ~eps (1e-8): there Adam's g / (|g| + eps) turns float32 reduction-order
+  # noise into a visible fraction of a step (seen: one MLP element, gradient 2.1e-8 vs
+  # 2.3e-8, moved 2% of lr = 1e-2 apart). A sharding bug (a missing reduction, a wrong
+  # shard) moves most elements by whole steps, so: at most 1% of a tensor's elements
+  # outside float32 tolerance (seen: 6 of 2048 after three steps, the rows fed by that
+  # element), none by more than a tenth of a step.
+  for diffs in (r["diffs1"], r["diffs"]):  # after the first and the third step
+    for name, (diff, scale, n_off, size) in diffs.items():
+      assert n_off <= max(1, size // 100) and diff <= 0.1 * 1e-2, (name, diff, scale, n_off, size)
 
 
 _MESH = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
