@@ -57,7 +57,11 @@ def get_config(arg=None):
       iterations=24, rollout_batch=64, minibatches=4, epochs=2, response_len=32,
       temperature=1.0,  # sampling temperature; log-probs use it everywhere (Huang et al. 2024)
       kl_mode="fixed",  # fixed | adaptive (Ziegler et al. 2019)
-      kl_coef=0.05, kl_target=6.0, kl_horizon=10_000,
+      kl_coef=0.05, kl_target=6.0,
+      # Adaptive KL: the coefficient moves by at most 0.2 x rollout_batch / kl_horizon per
+      # iteration. Ziegler et al. use 10,000 episodes with batches of 512 over far longer
+      # runs; at 64 x 24-48 iterations that would move it by 6% at most, so 1,000 here.
+      kl_horizon=1_000,
       kl_estimator="k1",  # per-token penalty: k1 = logp - ref_logp (InstructGPT)
       critic="separate",  # separate model from the reward model (InstructGPT) | shared backbone
       gae_gamma=1.0, gae_lambda=0.95,  # Ziegler et al. 2019 defaults
@@ -68,7 +72,7 @@ def get_config(arg=None):
       missing_eos_penalty=-1.0,  # score for responses without EOS (Huang et al. 2024); nan-free
       use_eos_penalty=True,
       ptx_coef=0.0,  # PPO-ptx: gamma_ptx * pretraining LM loss (InstructGPT)
-      ptx_batch=8,
+      ptx_batch=8,  # pretraining rows per minibatch update (fresh for each)
       eval_every=6, log_every=1, ckpt_every=6,
       nonfinite="stop",  # stop | skip: a non-finite minibatch update is always dropped; skip goes on
       opt=cl.optimizer(1e-4, b1=0.9, b2=0.95, eps=1e-5, schedule="constant", clip_norm=1.0),

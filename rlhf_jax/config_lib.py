@@ -152,6 +152,11 @@ def _validate_rl(config, dp: int, n_processes: int) -> None:
   for key in ("iterations", "rollout_batch", "minibatches", "epochs", "response_len"):
     _positive(config, f"ppo.{key}")
   _check_batch(config, "ppo.rollout_batch", p.rollout_batch, dp * p.minibatches, n_processes)
+  if p.ptx_coef < 0:
+    _fail("ppo.ptx_coef", f"must be >= 0, got {p.ptx_coef}")
+  if p.ptx_coef > 0:
+    _positive(config, "ppo.ptx_batch")
+    _check_batch(config, "ppo.ptx_batch", p.ptx_batch, dp, n_processes)
   if config.data.prompt_len + p.response_len > config.model.max_len:
     _fail("ppo.response_len", f"data.prompt_len + ppo.response_len = "
           f"{config.data.prompt_len + p.response_len} exceeds model.max_len={config.model.max_len}")

@@ -56,6 +56,18 @@ def test_batch_must_divide_over_data_parallel_devices():
   assert msg.startswith("config.pretrain.batch_size:") and "4" in msg
 
 
+def test_ppo_ptx_batch_checked_only_when_ptx_is_on():
+  c = _cfg()
+  c.mesh.update(data=2, fsdp=2, tensor=2)
+  c.model.update(n_heads=2, n_kv_heads=2)
+  c.ppo.ptx_batch = 6  # 4 data-parallel devices; ignored while ppo.ptx_coef = 0
+  config_lib.validate(c, 8)
+  c.ppo.ptx_coef = 0.5
+  assert _error(c, n_devices=8).startswith("config.ppo.ptx_batch:")
+  c.ppo.update(ptx_batch=8, ptx_coef=-1.0)
+  assert _error(c, n_devices=8).startswith("config.ppo.ptx_coef:")
+
+
 def test_batch_must_divide_into_grad_accum():
   c = _cfg()
   c.sft.grad_accum = 3  # batch 8

@@ -56,3 +56,78 @@ def test_ppo_raises_a_token_frequency_reward():
   assert scores[0] < 0.2
   assert np.mean(scores[-3:]) > scores[0] + 0.25, scores
   assert float(m["kl"]) > 0  # it moved away from the reference to get there
+
+
+def test_critic_starts_from_the_reward_model_in_normalised_units():
+  """The critic predicts normalised scores (gain * raw + bias), so it starts there."""
+  from rlhf_jax.stages.policy_eval import RewardModel, reward_scores
+  cfg = ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64,
+                    max_len=16)
+  model = st.make_model(cfg)
+  rm = RewardModel.__new__(RewardModel)  # without a workdir: params and normalisation only
+  rm.model, rm.params, rm.gain, rm.bias = model, st.init_params(model, jax.random.key(0)), 1.7, -0.6
+  tokens = jax.random.randint(jax.random.key(1), (4, 10), 4, 16)
+  mask = jnp.arange(10)[None, :] < jnp.array([10, 7, 5, 9])[:, None]
+  score, raw = reward_scores(model, rm.params, tokens, mask, rm.gain, rm.bias)
+  critic_score, _ = reward_scores(model, rm.normalized_params(), tokens, mask, 1.0, 0.0)
+  np.testing.assert_allclose(critic_score, score, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(raw, score, atol=0.1)  # the normalisation does change the units
+  critic_score2, _ = reward_scores(model, rm.params, tokens, mask, 1.0, 0.0)
+  np.testing.assert_allclose(critic_score2, raw)  # the frozen reward model is untouched
+
+
+def test_ppo_learning_rate_schedule_spans_every_update():
+  """A linear decay reaches its floor at the run's last minibatch update, not 1/(epochs x
+  minibatches) of the way through. With a constant gradient Adam moves a parameter by
+  about lr(t) per update, so the step sizes read the schedule back."""
+  import optax
+  from rlhf_jax.stages.ppo import optimizers
+  pc = tiny.get_config().ppo.copy_and_resolve_references()
+  pc.opt.update(schedule="linear", end_lr_frac=0.1, clip_norm=0.0, weight_decay=0.0)
+  n = pc.iterations * pc.epochs * pc.minibatches
+  assert n > pc.iterations  # several updates per iteration in the default config
+  policy_opt, _ = optimizers(pc)
+  x, state, steps = jnp.zeros(()), policy_opt.init(jnp.zeros(())), []
+  for _ in range(n):
+    upd, state = policy_opt.update(jnp.ones(()), state, x)
+    steps.append(-float(upd))
+    x = optax.apply_updates(x, upd)
+  lr = pc.opt.lr
+  np.testing.assert_allclose(steps[0], lr, rtol=1e-3)
+  np.testing.assert_allclose(steps[pc.iterations], lr * (1 - 0.9 * pc.iterations / n), rtol=1e-3)
+  np.testing.assert_allclose(steps[-1], lr * 0.1, rtol=0.05)
+
+
+def test_ppo_ptx_mixes_fresh_pretraining_batches_into_every_update():
+  """PPO-ptx (InstructGPT eq. 2): with no reward signal, the pretraining term alone
+  teaches the policy a repeating pattern; each minibatch update takes its own rows."""
+  pc = tiny.get_config("test").ppo.copy_and_resolve_references()
+  pc.update(rollout_batch=16, minibatches=2, epochs=2, response_len=4, kl_coef=0.0,
+            use_eos_penalty=False, ptx_coef=1.0, ptx_batch=4)
+  pc.opt.update(lr=3e-3)
+  cfg = ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64,
+                    max_len=16)
+  model = st.make_model(cfg)
+  policy = st.init_params(model, jax.random.key(0))
+  popt, copt = make_optimizer(pc.opt, 100), make_optimizer(pc.opt, 100)
+  sc = SampleConfig(max_new_tokens=pc.response_len, eos_id=3, pad_id=0, temperature=1.0)
+  zero = lambda tokens, mask, response, response_mask, ended: jnp.zeros(response.shape[0])
+  iteration = jax.jit(make_iteration(model, model, popt, copt, pc, sc, 4, score_fn=zero))
+  state = {"params": policy, "opt_state": popt.init(policy), "critic_params": policy,
+           "critic_opt_state": copt.init(policy), "step": jnp.zeros((), jnp.int32),
+           "kl_coef": jnp.float32(0.0)}
+  frozen = {"ref": policy, "reward": policy, "gain": jnp.float32(1.0), "bias": jnp.float32(0.0)}
+  n_ptx = pc.epochs * pc.minibatches * pc.ptx_batch  # one fresh slice per update
+  pattern = np.resize([5, 9, 12], (n_ptx, 12)).astype(np.int32)
+  rng = np.random.default_rng(0)
+  losses = []
+  for i in range(8):
+    prompt = rng.integers(4, 16, (16, 4))
+    batch = {"prompt": jnp.asarray(prompt, jnp.int32), "prompt_mask": jnp.ones((16, 4), bool),
+             "index": jnp.arange(16, dtype=jnp.int32), "ptx_tokens": jnp.asarray(pattern),
+             "ptx_mask": jnp.ones((n_ptx, 12), bool), "ptx_loss_mask": jnp.ones((n_ptx, 12))}
+    state, m = iteration(state, frozen, batch, jax.random.key(i))
+    losses.append(float(m["ptx_loss"]))
+  print("ptx loss per iteration:", np.round(losses, 3))
+  assert losses[0] > 1.0  # the first iteration's four updates start from about ln 16
+  assert losses[-1] < 0.2 * losses[0], losses

@@ -57,6 +57,17 @@ class RewardModel:
   def score(self, tokens, mask):
     return self._score(self.params, tokens, mask)[0]
 
+  def normalized_params(self):
+    """A copy of the params whose scalar head outputs gain * raw + bias: the normalised
+    score. PPO's critic starts here, so its values begin in the units of the rewards it
+    learns to predict (InstructGPT initialises the value function from the RM)."""
+    def fold(params):
+      head = params["scalar_head"]
+      return {**jax.tree.map(jnp.copy, params),
+              "scalar_head": {"kernel": head["kernel"] * self.gain,
+                              "bias": head["bias"] * self.gain + self.bias}}
+    return jax.jit(fold)(self.params)
+
 
 def sample_config(ctx, response_len: int, temperature: float) -> SampleConfig:
   tok = ctx.sources.tokenizer

@@ -34,7 +34,7 @@ def compute_per_iteration(cfg, model_cfg, prompt_len: int) -> dict:
   n_models_trained = 1 if pc.critic == "shared" else 2
   sampled = pc.rollout_batch * pc.response_len
   flops = (tokens * fwd  # rollout (KV-cache decode ~ one forward per token)
-           + 4 * tokens * fwd  # policy, reference, critic, reward forwards
+           + (n_models_trained + 2) * tokens * fwd  # policy, (critic,) reference, reward forwards
            + pc.epochs * n_models_trained * 3 * tokens * fwd)  # updates
   if pc.ptx_coef > 0:
     flops += pc.epochs * pc.minibatches * 3 * pc.ptx_batch * cfg.data.seq_len * fwd
@@ -49,8 +49,7 @@ def run(ctx) -> dict:
   texts, prompts = ctx.sources.prompt_set("rl")
   prompt_len = prompts["prompt"].shape[1]
   sc = sample_config(ctx, pc.response_len, pc.temperature)
-  policy_opt = make_optimizer(pc.opt, pc.iterations)
-  critic_opt = make_optimizer(_with_lr(pc.opt, pc.critic_lr), pc.iterations)
+  policy_opt, critic_opt = optimizers(pc)
   iteration = make_iteration(model, model, policy_opt, critic_opt, pc, sc, prompt_len)
   # Scalars as replicated global arrays: with several processes a host-local scalar
   # would live on one device only and jit would reject it.
@@ -76,14 +75,17 @@ def run(ctx) -> dict:
   else:
     # Fresh copies: the state is donated each iteration, the frozen models are not.
     copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p))
-    critic_init = copy(reward.params) if pc.critic != "shared" else sft_params  # unused if shared
+    # The critic starts from the reward model (InstructGPT), in normalised score units.
+    critic_init = reward.normalized_params() if pc.critic != "shared" else sft_params
     state = init_state(copy(sft_params), critic_init)
 
   prompt_batcher = common.host_batcher(ctx, prompts, pc.rollout_batch, seed_offset=2)
   ptx_batcher = None
   if pc.ptx_coef > 0:
     ptx_rows, _ = ctx.sources.corpus_rows()
-    ptx_batcher = common.host_batcher(ctx, ptx_rows, pc.ptx_batch, seed_offset=3)
+    # ptx_batch fresh rows for each of the iteration's epochs x minibatches updates.
+    ptx_batcher = common.host_batcher(ctx, ptx_rows, pc.ptx_batch * pc.epochs * pc.minibatches,
+                                      seed_offset=3)
 
   def get_batch(s):
     b = dict(prompt_batcher.get(s))
@@ -132,6 +134,14 @@ def run(ctx) -> dict:
       "flops_per_iteration": compute["flops"], "params": param_count(ctx.model_cfg),
       "eval_points": points,
   }
+
+
+def optimizers(pc):
+  """Policy and critic AdamW. Their schedules count optimizer updates, epochs x
+  minibatches per iteration, so a decay (Huang et al. 2024 anneal linearly) spans the run."""
+  updates = pc.iterations * pc.epochs * pc.minibatches
+  return (make_optimizer(pc.opt, updates),
+          make_optimizer(_with_lr(pc.opt, pc.critic_lr), updates))
 
 
 def _with_lr(opt_cfg, lr):

@@ -119,12 +119,19 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
     perms = jnp.concatenate([jax.random.permutation(k, b) for k in
                              jax.random.split(r_perm, pc.epochs)]).reshape(pc.epochs * n_mb, b // n_mb)
 
-    def minibatch_step(carry, idx):
+    # PPO-ptx: every minibatch update gets its own ptx_batch rows of pretraining data
+    # (the batch holds epochs x minibatches of them), as InstructGPT mixes fresh
+    # pretraining gradients into each PPO update.
+    ptx = {}
+    if pc.ptx_coef > 0:
+      ptx = {k: batch[k].reshape(pc.epochs * n_mb, -1, *batch[k].shape[1:])
+             for k in ("ptx_tokens", "ptx_mask", "ptx_loss_mask")}
+
+    def minibatch_step(carry, xs):
       params, opt_state, cparams, copt = carry
+      idx, ptx_mb = xs
       mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
-      if pc.ptx_coef > 0:
-        mb.update(ptx_tokens=batch["ptx_tokens"], ptx_mask=batch["ptx_mask"],
-                  ptx_loss_mask=batch["ptx_loss_mask"])
+      mb.update(ptx_mb)
       loss, grads, m = accumulate_grads(policy_loss_fn, params, mb, rng, 1)
       params, opt_state, um = apply_update(policy_opt, params, opt_state, grads, loss, "skip")
       m = {**m, "policy_grad_norm": um["grad_norm"], "finite_loss": um["finite_loss"],
@@ -139,7 +146,7 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
 
     carry = (state["params"], state["opt_state"], state.get("critic_params", {}),
              state.get("critic_opt_state", {}))
-    (params, opt_state, cparams, copt), ms = jax.lax.scan(minibatch_step, carry, perms)
+    (params, opt_state, cparams, copt), ms = jax.lax.scan(minibatch_step, carry, (perms, ptx))
     upd = jax.tree.map(lambda x: x[-1] if x.dtype == jnp.bool_ else jnp.mean(x), ms)
     upd["finite_loss"] = jnp.all(ms["finite_loss"])
     upd["finite_grads"] = jnp.all(ms["finite_grads"])
@@ -158,7 +165,8 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
       new_state["skipped"] = state["skipped"] + bad.astype(jnp.int32)
     if not shared:
       new_state.update(critic_params=cparams, critic_opt_state=copt)
-    aux = dict(rewards=rewards, adv=adv, returns=returns, kls=kls, kl_mean=kl_mean, beta=beta)
+    aux = dict(rewards=rewards, adv=adv, returns=returns, kls=kls, kl_mean=kl_mean, beta=beta,
+               kl_tok=kl_tok)
     return new_state, upd, aux
 
   def iteration(state, frozen, batch, rng):
@@ -171,7 +179,8 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
     metrics = {
         "proxy_reward": jnp.mean(ro["proxy"]), "proxy_reward_raw": jnp.mean(ro["raw"]),
         "score": jnp.mean(ro["score"]), "kl": kl_mean, "kl_k3": jnp.mean(kls["k3"]),
-        "kl_coef": beta, "non_score_reward": jnp.mean(jnp.sum(rewards * rmask, -1) - ro["score"]),
+        "kl_coef": beta,
+        "non_score_reward": -beta * jnp.mean(jnp.sum(aux["kl_tok"], -1)),  # the KL penalty
         "explained_variance": rl.explained_variance(ro["values"], returns, rmask),
         "advantage_mean": rl.masked_mean(adv, rmask), "return_mean": rl.masked_mean(returns, rmask),
         "value_mean": rl.masked_mean(ro["values"], rmask),
