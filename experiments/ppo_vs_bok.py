@@ -333,8 +333,9 @@ EXPLANATION = (
     "falls. The KL penalty to the SFT policy is the only thing holding the policy where the proxy is "
     "still accurate: with `ppo_kl0` nothing does, so the policy is free to drift as far as the budget "
     "allows; larger coefficients (and the adaptive controller, which targets a KL) stop earlier on the "
-    "frontier. Best-of-K moves slowly (KL per round is bounded by log K for the selection) and its "
-    "selection uses the same proxy, so with enough rounds it can over-optimise as well.")
+    "frontier. Best-of-K's selection moves the distribution it imitates by at most log K - (K-1)/K "
+    "nats per round, though fine-tuning on the kept samples can carry the policy further than that; "
+    "its selection uses the same proxy, so with enough rounds it over-optimises as well.")
 
 
 def write_report(workdir: str, args, budget: float, plans: list[dict], seeds: list[int],
@@ -516,4 +517,12 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from rlhf_jax.train.loop import Preempted
+  try:
+    sys.exit(main())
+  except Preempted as e:  # SIGTERM: finished stages and arms are kept
+    print(f"ppo_vs_bok: error: {e}", file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:
+    print("ppo_vs_bok: error: interrupted; re-run the same command to continue", file=sys.stderr)
+    sys.exit(130)

@@ -12,10 +12,23 @@ as finished: the manager lists only finalized steps.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class _QuietReadOnly(logging.Filter):
+  """Orbax warns three times per read-only manager (every load of an earlier stage's
+  params) that read_only turns saving off, which is what read_only means."""
+  _NOISE = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+  def filter(self, record):
+    return not str(record.msg).startswith(self._NOISE)
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
 class CheckpointMismatch(ValueError):
