@@ -449,8 +449,8 @@ def bench_ppo(env: Env) -> dict:
                            warmup, steps)}
   g = compiled["rollout"](holder["state"]["params"], prompt, pmask, rng)
   critic = holder["state"].get("critic_params", holder["state"]["params"])
-  t["scoring"] = _measure(lambda: compiled["scoring"](holder["state"]["params"], critic, frozen, g),
-                          warmup, steps)
+  t["scoring"] = _measure(lambda c=critic, g=g: compiled["scoring"](holder["state"]["params"], c,
+                                                                      frozen, g), warmup, steps)
   ro = compiled["scoring"](holder["state"]["params"], critic, frozen, g)
   del g, critic
 

@@ -195,10 +195,10 @@ def test_whole_pipeline_end_to_end(tmp_path):
   assert [p["name"] for p in ev["policies"]] == ["sft", "ppo", "best_of_k"]
   assert set(ev["frontier"]) == {"ppo", "best_of_n", "best_of_k"}
   assert all(pt["d"] >= 0 for pts in ev["frontier"].values() for pt in pts)
-  for stage in ("pretrain", "sft", "label", "reward", "ppo", "best_of_k", "evaluate"):
-    with open(tmp_path / stage / "summary.json") as f:
+  for name in ("pretrain", "sft", "label", "reward", "ppo", "best_of_k", "evaluate"):
+    with open(tmp_path / name / "summary.json") as f:
       nums = list(_numbers(json.load(f)))
-    assert nums and all(math.isfinite(x) for x in nums), stage
+    assert nums and all(math.isfinite(x) for x in nums), name
   report = (tmp_path / "report.md").read_text()
   for png in ("frontier.png", "loss_curves.png", "ppo_curves.png"):
     assert f"({png})" in report

@@ -165,7 +165,7 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
       new_state["skipped"] = state["skipped"] + bad.astype(jnp.int32)
     if not shared:
       new_state.update(critic_params=cparams, critic_opt_state=copt)
-    aux = dict(rewards=rewards, adv=adv, returns=returns, kls=kls, kl_mean=kl_mean, beta=beta,
+    aux = dict(adv=adv, returns=returns, kls=kls, kl_mean=kl_mean, beta=beta,
                kl_tok=kl_tok)
     return new_state, upd, aux
 
@@ -173,7 +173,7 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
     r_roll, r_perm = jax.random.split(rng)
     ro = score(state, frozen, rollout(state, batch, r_roll))
     new_state, upd, aux = update(state, ro, batch, r_perm)
-    rmask, rewards, adv, returns = ro["rmask"], aux["rewards"], aux["adv"], aux["returns"]
+    rmask, adv, returns = ro["rmask"], aux["adv"], aux["returns"]
     kls, kl_mean, beta = aux["kls"], aux["kl_mean"], aux["beta"]
     lengths = jnp.sum(rmask, axis=-1)
     metrics = {
