@@ -119,3 +119,26 @@ def test_workdir_from_a_different_model_shape_is_refused(uninterrupted):
   assert len(lines) == 1, p.stderr[-3000:]
   assert lines[0].startswith("rlhf_jax: error:") and "d_model" in lines[0], lines[0]
   assert "fresh --workdir" in lines[0]
+
+
+def test_resume_under_a_different_training_config_is_refused(tmp_path):
+  """An interrupted stage resumes only with the seed and trajectory fields it started with
+  (a different seed or batch size would silently change the data order and keys); fields
+  that only change logging may differ."""
+  base = tmp_path / "a"
+  p = helpers.run_cli(base, "--config.stages=pretrain", "--config.pretrain.steps=10",
+                      "--config.pretrain.ckpt_every=5")
+  assert p.returncode == 0, p.stderr[-3000:]
+  (base / "pretrain" / "summary.json").unlink()  # as if killed after the last checkpoint
+  common = ["--config.stages=pretrain", "--config.pretrain.ckpt_every=5"]
+  for changed, key in ((["--config.pretrain.steps=10", "--config.seed=1"], "seed"),
+                       (["--config.pretrain.steps=10", "--config.pretrain.batch_size=16"], "batch_size"),
+                       (["--config.pretrain.steps=20"], "steps"),
+                       (["--config.pretrain.steps=10", "--config.pretrain.opt.lr=0.5"], "lr")):
+    p = helpers.run_cli(base, *common, *changed)
+    assert p.returncode == 2, (changed, p.stderr[-3000:])
+    lines = helpers.stderr_lines(p.stderr)
+    assert len(lines) == 1 and key in lines[0] and "fresh --workdir" in lines[0], lines
+  p = helpers.run_cli(base, *common, "--config.pretrain.steps=10", "--config.pretrain.log_every=1")
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "resuming from step 10" in p.stdout

@@ -24,8 +24,27 @@ from rlhf_jax.train.optim import make_optimizer
 from rlhf_jax.train.step import compile_step, make_train_step
 
 
+# Model architecture revision, checked with the shapes: 2 = embedding std d^-0.5 and
+# untied-scale tied logits (checkpoints of revision 1 would load with logits sqrt(d) off).
+ARCH = 2
+
+# Config fields that do not change a run's trajectory, so a resume may change them.
+_NOT_TRAJECTORY = ("log_every", "eval_every", "ckpt_every", "eval_batches", "nonfinite")
+
+
 def model_meta(ctx) -> dict:
-  return {"model": dataclasses.asdict(ctx.model_cfg)}
+  return {"model": {**dataclasses.asdict(ctx.model_cfg), "arch": ARCH}}
+
+
+def run_meta(ctx, section) -> dict:
+  """What a resumed stage must share with the run that wrote its checkpoint: the seed
+  and every field of its config section that shapes the trajectory (batch size, steps,
+  optimizer, ...). Resuming under another one would silently change the data order,
+  the RNG keys or the schedule, so it is refused (checkpoint.check_meta)."""
+  def keep(d):
+    return {k: keep(v) if isinstance(v, dict) else v for k, v in d.items()
+            if k not in _NOT_TRAJECTORY}
+  return {"run": {"seed": ctx.config.seed, **keep(section.to_dict())}}
 
 
 def checkpointer(ctx, name: str) -> Checkpointer:
@@ -93,7 +112,7 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
   ckpt = checkpointer(ctx, name)
   evaluator = make_evaluator(ctx, eval_loss, eval_batches(eval_arrays, tcfg.batch_size,
                                                           tcfg.eval_batches, ctx.mesh))
-  meta = {**model_meta(ctx), **(extra_meta or {})}
+  meta = {**model_meta(ctx), **run_meta(ctx, tcfg), **(extra_meta or {})}
 
   def fresh_state(params):
     return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
@@ -102,7 +121,7 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
   abstract_p = st.abstract_params(model)
   init_state, abstract = st.jit_init(fresh_state, abstract_p)
   if ckpt.latest_step() is not None:
-    state, saved = ckpt.restore(abstract, expect_meta=model_meta(ctx))
+    state, saved = ckpt.restore(abstract, expect_meta=meta)
     init_eval = saved["init_eval"]
     print(f"[{name}] resuming from step {int(state['step'])}", flush=True)
   else:
@@ -128,6 +147,13 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
   return summary, state
 
 
+def dropout_args(rng) -> dict:
+  """model.apply arguments: dropout (model.dropout) in a train step, which passes its
+  step key; off in evaluation, which passes none. PPO and sampling never pass one:
+  dropout stays off in RL, as in Ziegler et al. (2019) and Huang et al. (2024)."""
+  return {} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
+
+
 def lm_losses(model, packed: bool = False):
   """(train loss, eval loss) for next-token prediction with a target mask.
 
@@ -137,7 +163,8 @@ def lm_losses(model, packed: bool = False):
   from rlhf_jax.losses import lm_loss
 
   def loss(params, batch, rng=None):
-    out = model.apply({"params": params}, batch["tokens"], None if packed else batch["mask"])
+    out = model.apply({"params": params}, batch["tokens"], None if packed else batch["mask"],
+                      **dropout_args(rng))
     return lm_loss(out["logits"], batch["tokens"], batch["loss_mask"])
 
   return loss, loss

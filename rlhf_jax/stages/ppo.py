@@ -68,7 +68,7 @@ def run(ctx) -> dict:
   abstract_p = st.abstract_params(model)
   init_state, abstract = st.jit_init(fresh_state, abstract_p, abstract_p)
   ckpt = common.checkpointer(ctx, "ppo")
-  meta = common.model_meta(ctx)
+  meta = {**common.model_meta(ctx), **common.run_meta(ctx, pc)}
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(abstract, expect_meta=meta)
     print(f"[ppo] resuming from iteration {int(state['step'])}", flush=True)
