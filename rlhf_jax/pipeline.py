@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import time
+import zlib
 
 import jax
 
@@ -58,8 +59,9 @@ class Context:
     return os.path.join(self.workdir, name)
 
   def key(self, name: str):
-    """A stage's base RNG key: independent of the order stages run in."""
-    return jax.random.fold_in(jax.random.key(self.config.seed), sum(map(ord, name)))
+    """A stage's base RNG key: independent of the order stages run in, distinct per name
+    (a CRC-32 of it; a sum of character codes made best_of_k/round_12 and round_21 equal)."""
+    return jax.random.fold_in(jax.random.key(self.config.seed), zlib.crc32(name.encode()) >> 1)
 
   def summary(self, name: str) -> dict:
     with open(os.path.join(self.stage_dir(name), "summary.json")) as f:

@@ -186,3 +186,42 @@ def test_ranking_accuracy_needs_strictly_higher_reward():
                                 jnp.ones((1, 2), bool))
   assert m['accuracy'] == 0 and m['pairs'] == 1
   np.testing.assert_allclose(loss, math.log(2), rtol=1e-6)
+
+
+def test_model_dropout_is_on_in_train_steps_and_off_in_evaluation():
+  """model.dropout acts when a train step passes its key; evaluation passes none."""
+  from rlhf_jax.model.transformer import ModelConfig
+  from rlhf_jax.stages.common import lm_losses
+  from rlhf_jax.stages.reward import make_losses
+  from rlhf_jax.train import state as st
+  tokens = jax.random.randint(jax.random.key(0), (4, 12), 4, 32)
+  batch = {"tokens": tokens, "mask": jnp.ones((4, 12), bool), "loss_mask": jnp.ones((4, 12))}
+  rank_batch = {"tokens": tokens.reshape(2, 2, 12), "mask": jnp.ones((2, 2, 12), bool),
+                "ranks": jnp.array([[0, 1], [1, 0]]), "valid": jnp.ones((2, 2), bool)}
+  for rate in (0.0, 0.5):
+    cfg = ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64,
+                      max_len=16, dropout=rate)
+    model = st.make_model(cfg)
+    params = st.init_params(model, jax.random.key(1))
+    for loss, b in ((lm_losses(model)[0], batch), (make_losses(model)[0], rank_batch)):
+      ev = float(loss(params, b)[0])
+      assert ev == float(loss(params, b)[0])  # evaluation is deterministic
+      tr = [float(loss(params, b, jax.random.key(i))[0]) for i in (1, 2)]
+      if rate == 0.0:
+        np.testing.assert_allclose(tr, [ev, ev], rtol=1e-6)
+      else:
+        assert tr[0] != tr[1] and ev not in tr, (ev, tr)
+
+
+def test_weight_decay_spares_norm_scales():
+  """AdamW decays matrices only: with zero gradients a norm scale stays at 1."""
+  from configs import tiny
+  from rlhf_jax.train.optim import make_optimizer
+  opt_cfg = tiny.get_config().pretrain.opt.copy_and_resolve_references()
+  opt_cfg.update(weight_decay=0.5, warmup_steps=0, schedule="constant")
+  opt = make_optimizer(opt_cfg, 10)
+  params = {"scale": jnp.ones((4,)), "kernel": jnp.ones((4, 4))}
+  state = opt.init(params)
+  upd, _ = opt.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  assert float(jnp.max(jnp.abs(upd["scale"]))) == 0.0
+  assert float(jnp.min(-upd["kernel"])) > 0  # the kernel is decayed toward 0

@@ -33,3 +33,16 @@ def test_sft_without_pretrain_names_the_missing_stage(tmp_path):
   assert len(lines) == 1, p.stderr[-3000:]
   assert lines[0].startswith("rlhf_jax: error:") and "pretrain" in lines[0], lines[0]
   assert not (tmp_path / "sft").exists()
+
+
+def test_stage_keys_are_distinct_per_name():
+  """Every stage / best-of-K round gets its own RNG key (round_12 and round_21 once shared one)."""
+  import types
+  import jax
+  import numpy as np
+  from rlhf_jax.pipeline import Context
+  ctx = types.SimpleNamespace(config=types.SimpleNamespace(seed=0))
+  names = ["pretrain", "sft", "label", "reward", "reward_norm", "ppo", "best_of_k", "evaluate"]
+  names += [f"best_of_k/round_{r}" for r in range(1, 100)]
+  keys = {tuple(np.asarray(jax.random.key_data(Context.key(ctx, n))).tolist()) for n in names}
+  assert len(keys) == len(names)

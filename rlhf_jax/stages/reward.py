@@ -30,11 +30,11 @@ from rlhf_jax.train import sharding as sh
 from rlhf_jax.train import state as st
 
 
-def response_rewards(model, params, tokens, mask):
-  """[B, K, L] -> [B, K] raw rewards, each response forwarded once."""
+def response_rewards(model, params, tokens, mask, rng=None):
+  """[B, K, L] -> [B, K] raw rewards, each response forwarded once (dropout with `rng`)."""
   b, k, l = tokens.shape
   out = model.apply({"params": params}, tokens.reshape(b * k, l), mask.reshape(b * k, l),
-                    logits=False, scalar=True)
+                    logits=False, scalar=True, **common.dropout_args(rng))
   flat_mask = mask.reshape(b * k, l)
   r = jnp.take_along_axis(out["scalar"], last_index(flat_mask)[:, None], axis=-1)[:, 0]
   return r.reshape(b, k)
@@ -42,7 +42,7 @@ def response_rewards(model, params, tokens, mask):
 
 def make_losses(model):
   def loss(params, batch, rng=None):
-    r = response_rewards(model, params, batch["tokens"], batch["mask"])
+    r = response_rewards(model, params, batch["tokens"], batch["mask"], rng)
     return ranking_loss(r, batch["ranks"], batch["valid"])
   return loss, loss
 

@@ -24,7 +24,13 @@ def split_microbatches(batch, n: int):
 
 
 def accumulate_grads(loss_fn: Callable, params, batch, rng, grad_accum: int):
-  """Mean loss, grads and metrics over `grad_accum` micro-batches."""
+  """Mean loss, grads and metrics over `grad_accum` micro-batches.
+
+  Each micro-batch's loss is already a mean over its own valid tokens (or pairs); the
+  micro-batch means are averaged with equal weight. With variable-length rows (SFT,
+  reward) that weights tokens slightly differently from one big batch, as gradient
+  accumulation does in most frameworks.
+  """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum == 1:
     (loss, metrics), grads = grad_fn(params, batch, rng)
