@@ -364,7 +364,9 @@ def _ppo_flops(env: Env, pc, p: int, n: int) -> dict:
 def bench_ppo(env: Env) -> dict:
   c, pc, model, mesh = env.config, env.config.ppo, env.model, env.mesh
   p, n, b = pc.prompt_len, pc.response_len, pc.rollout_batch
-  sc = _sample_config(env, n, pc.temperature)
+  # PPO samples from the full policy (no EOS ban): with random weights EOS is one token
+  # in the vocabulary, so the loop still runs all n steps unless every row ends early.
+  sc = SampleConfig(max_new_tokens=n, eos_id=1, pad_id=0, temperature=pc.temperature)
   policy_opt = make_optimizer(c.ppo.opt, 1_000)
   critic_cfg = c.ppo.opt.copy_and_resolve_references()
   critic_cfg.lr = pc.critic_lr

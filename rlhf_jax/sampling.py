@@ -31,6 +31,16 @@ class SampleConfig:
   top_p: float = 1.0  # 1.0 = off
   min_new_tokens: int = 0  # EOS is masked out before this many tokens
 
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"SampleConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if not self.greedy and self.temperature <= 0:
+      raise ValueError(f"SampleConfig.temperature must be > 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"SampleConfig.top_k must be >= 0 (0 = off), got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"SampleConfig.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
 
 def _filter_logits(logits, sc: SampleConfig):
   """Top-k then nucleus (top-p) filtering on temperature-scaled logits."""
@@ -61,12 +71,15 @@ def generate(model, params, prompt, prompt_mask, rng, sc: SampleConfig) -> dict:
   b, p = prompt.shape
   n = sc.max_new_tokens
   cfg = model.cfg
-  # Cast the weights to the compute dtype once, outside the decode loop; the layers
-  # would otherwise convert every f32 kernel again at each generated token. The
-  # training pass casts the same way, so the log-probs still agree.
+  if sc.top_k > cfg.vocab_size:
+    raise ValueError(f"SampleConfig.top_k={sc.top_k} exceeds the vocabulary ({cfg.vocab_size})")
+  # Cast the matmul weights to the compute dtype once, outside the decode loop; the
+  # layers would otherwise convert every f32 kernel again at each generated token. The
+  # training pass casts kernels the same way; norm scales stay f32 there, so they do
+  # here, and the log-probs still agree.
   dt = DTYPES[cfg.dtype]
   if dt != jnp.float32:
-    params = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+    params = jax.tree.map(lambda x: x.astype(dt) if x.ndim >= 2 and x.dtype == jnp.float32 else x,
                           params)
   cache = init_cache(cfg, b, p + n)
   kv_mask = jnp.concatenate([prompt_mask, jnp.ones((b, n), bool)], axis=1)

@@ -40,6 +40,11 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
   `iteration.score(state, frozen, rollout)` and
   `iteration.update(state, scored, batch, rng) -> (state, metrics, aux)`.
   """
+  if sc.top_k or sc.top_p < 1.0 or sc.min_new_tokens or sc.greedy:
+    # The ratio and the KL use log-probs of the full tempered policy; tokens drawn from a
+    # filtered or EOS-banned distribution would make both wrong (off-policy).
+    raise ValueError("PPO rollouts sample from the full tempered policy: top_k=0, top_p=1, "
+                     "min_new_tokens=0, greedy=False")
   shared = pc.critic == "shared"
   temp = pc.temperature
   n_mb = pc.minibatches

@@ -1,4 +1,10 @@
-"""Stage 1: causal language modelling on a packed corpus (nanoGPT-style packing)."""
+"""Stage 1: causal language modelling on a packed corpus (nanoGPT-style packing).
+
+Rows are documents concatenated (each starting with BOS, ending with EOS) and cut to
+data.seq_len; attention is plain causal over the whole row and positions run 0..L-1,
+so a document may attend to the one before it, as in GPT-2 / nanoGPT pretraining.
+SFT, reward and sampling rows hold one example from position 0.
+"""
 from __future__ import annotations
 
 from rlhf_jax.stages import common

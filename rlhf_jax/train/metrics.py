@@ -39,8 +39,10 @@ class MetricsWriter:
               keep.append(line if line.endswith("\n") else line + "\n")
           except (ValueError, KeyError):
             break  # a torn last line from a hard kill
-      with open(self.path, "w") as f:
+      tmp = self.path + ".tmp"  # a kill during the rewrite keeps the old file whole
+      with open(tmp, "w") as f:
         f.writelines(keep)
+      os.replace(tmp, self.path)
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter
