@@ -8,6 +8,7 @@ one from `init_params` (another stage's checkpoint) or from random weights.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Callable
 
@@ -18,7 +19,7 @@ import numpy as np
 from rlhf_jax.data.batching import Batcher
 from rlhf_jax.train import sharding as sh
 from rlhf_jax.train import state as st
-from rlhf_jax.train.checkpoint import Checkpointer, restore_item
+from rlhf_jax.train.checkpoint import Checkpointer, CheckpointMismatch, restore_item
 from rlhf_jax.train.loop import train_loop
 from rlhf_jax.train.optim import make_optimizer
 from rlhf_jax.train.step import compile_step, make_train_step
@@ -37,14 +38,38 @@ def model_meta(ctx) -> dict:
 
 
 def run_meta(ctx, section) -> dict:
-  """What a resumed stage must share with the run that wrote its checkpoint: the seed
-  and every field of its config section that shapes the trajectory (batch size, steps,
-  optimizer, ...). Resuming under another one would silently change the data order,
-  the RNG keys or the schedule, so it is refused (checkpoint.check_meta)."""
-  def keep(d):
-    return {k: keep(v) if isinstance(v, dict) else v for k, v in d.items()
-            if k not in _NOT_TRAJECTORY}
-  return {"run": {"seed": ctx.config.seed, **keep(section.to_dict())}}
+  """The seed and every field of the stage's config section that shapes its trajectory,
+  saved with each checkpoint and compared on resume by `check_resume`."""
+  def flat(d, prefix=""):  # dotted keys: a change reads "opt.lr 0.003 -> 0.001"
+    out = {}
+    for k, v in d.items():
+      if k not in _NOT_TRAJECTORY:
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+  return {"run": {"seed": ctx.config.seed, **flat(section.to_dict())}}
+
+
+# Resuming under a different value of these would silently change which data the
+# remaining steps see (the batchers are functions of seed, batch size and step) and
+# every step's RNG key, so it is refused.
+_DATA_ORDER = ("seed", "batch_size", "rollout_batch", "ptx_batch")
+
+
+def check_resume(name: str, saved: dict, meta: dict, where: str) -> None:
+  """Refuse a resume that would change the data order; announce any other change
+  (a lower learning rate after a divergence, more steps) in one line."""
+  old, new = saved.get("run"), meta["run"]
+  if old is None:  # written before run metadata existed
+    return
+  diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+  order = {k: v for k, v in diff.items() if k in _DATA_ORDER}
+  if order:
+    raise CheckpointMismatch(
+        f"{where}: checkpoint was written with a different data order (checkpoint, config): "
+        f"{json.dumps(order)}; use a fresh --workdir or the original values")
+  if diff:
+    print(f"[{name}] resuming with changed config (checkpoint -> now): "
+          + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items()), flush=True)
 
 
 def checkpointer(ctx, name: str) -> Checkpointer:
@@ -121,7 +146,8 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
   abstract_p = st.abstract_params(model)
   init_state, abstract = st.jit_init(fresh_state, abstract_p)
   if ckpt.latest_step() is not None:
-    state, saved = ckpt.restore(abstract, expect_meta=meta)
+    state, saved = ckpt.restore(abstract, expect_meta={**model_meta(ctx), **(extra_meta or {})})
+    check_resume(name, saved, meta, ckpt.directory)
     init_eval = saved["init_eval"]
     print(f"[{name}] resuming from step {int(state['step'])}", flush=True)
   else:
