@@ -225,3 +225,17 @@ def test_weight_decay_spares_norm_scales():
   upd, _ = opt.update(jax.tree.map(jnp.zeros_like, params), state, params)
   assert float(jnp.max(jnp.abs(upd["scale"]))) == 0.0
   assert float(jnp.min(-upd["kernel"])) > 0  # the kernel is decayed toward 0
+
+
+def test_initial_lm_loss_is_near_uniform_at_any_width():
+  """At initialisation the tied logits are about N(0, 1): loss near ln V, not sqrt(d)."""
+  from rlhf_jax.model.transformer import ModelConfig
+  from rlhf_jax.train import state as st
+  tokens = jax.random.randint(jax.random.key(1), (4, 32), 0, 512)
+  for d in (128, 512):
+    cfg = ModelConfig(vocab_size=512, d_model=d, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=2 * d,
+                      max_len=32)
+    model = st.make_model(cfg)
+    logits = model.apply({"params": st.init_params(model, jax.random.key(0))}, tokens)["logits"]
+    loss = float(losses.lm_loss(logits, tokens, jnp.ones(tokens.shape))[0])
+    assert math.log(512) <= loss < math.log(512) + 1.0, (d, loss)

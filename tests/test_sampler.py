@@ -204,3 +204,17 @@ def test_sharded_sampling_matches_unsharded():
   assert r["tokens_equal"], (r["tokens"], r["tokens8"])
   assert r["mask_equal"]
   assert r["logprob_diff"] < 1e-4
+
+
+def test_sample_config_and_ppo_reject_bad_sampling_settings():
+  """top_p <= 0 used to sample uniformly over the vocabulary; PPO needs on-policy rollouts."""
+  from configs import tiny
+  from rlhf_jax.stages.ppo_step import make_iteration
+  for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(temperature=0.0),
+              dict(max_new_tokens=0)):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+      SampleConfig(**{"max_new_tokens": 4, "eos_id": EOS, "pad_id": PAD, **bad})
+  pc = tiny.get_config("test").ppo
+  for off_policy in (dict(top_k=5), dict(top_p=0.9), dict(min_new_tokens=2), dict(greedy=True)):
+    with pytest.raises(ValueError, match="full tempered policy"):
+      make_iteration(None, None, None, None, pc, SampleConfig(4, EOS, PAD, **off_policy), 4)
