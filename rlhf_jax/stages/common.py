@@ -55,6 +55,14 @@ def run_meta(ctx, section) -> dict:
 _DATA_ORDER = ("seed", "batch_size", "rollout_batch", "ptx_batch")
 
 
+def resume(ckpt: Checkpointer, abstract, name: str, meta: dict):
+  """Restore the latest checkpoint: everything in `meta` but "run" (the model) must
+  match; for "run", `check_resume`. Returns (state, saved meta)."""
+  state, saved = ckpt.restore(abstract, expect_meta={k: v for k, v in meta.items() if k != "run"})
+  check_resume(name, saved, meta, ckpt.directory)
+  return state, saved
+
+
 def check_resume(name: str, saved: dict, meta: dict, where: str) -> None:
   """Refuse a resume that would change the data order; announce any other change
   (a lower learning rate after a divergence, more steps) in one line."""
@@ -146,8 +154,7 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
   abstract_p = st.abstract_params(model)
   init_state, abstract = st.jit_init(fresh_state, abstract_p)
   if ckpt.latest_step() is not None:
-    state, saved = ckpt.restore(abstract, expect_meta={**model_meta(ctx), **(extra_meta or {})})
-    check_resume(name, saved, meta, ckpt.directory)
+    state, saved = resume(ckpt, abstract, name, meta)
     init_eval = saved["init_eval"]
     print(f"[{name}] resuming from step {int(state['step'])}", flush=True)
   else:

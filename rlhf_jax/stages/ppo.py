@@ -70,8 +70,7 @@ def run(ctx) -> dict:
   ckpt = common.checkpointer(ctx, "ppo")
   meta = {**common.model_meta(ctx), **common.run_meta(ctx, pc)}
   if ckpt.latest_step() is not None:
-    state, saved = ckpt.restore(abstract, expect_meta=common.model_meta(ctx))
-    common.check_resume("ppo", saved, meta, ckpt.directory)
+    state, _ = common.resume(ckpt, abstract, "ppo", meta)
     print(f"[ppo] resuming from iteration {int(state['step'])}", flush=True)
   else:
     # Fresh copies: the state is donated each iteration, the frozen models are not.
