@@ -36,7 +36,8 @@ def train(steps: int, batch_size: int, lr: float, *, grad_accum: int = 1, log_ev
 
 
 def model(**kw) -> mlc.ConfigDict:
-  base = dict(vocab_size=0,  # 0 = take it from the tokenizer
+  base = dict(hf="",  # a local Hugging Face model folder: its config.json sets the architecture
+              vocab_size=0,  # 0 = take it from the tokenizer
               d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=512, max_len=128,
               rope_theta=10000.0, tie_embeddings=True, dropout=0.0, dtype="float32",
               remat="none", attention="xla", norm_eps=1e-5)

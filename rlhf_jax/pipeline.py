@@ -73,6 +73,8 @@ class Context:
 
 def _stage_requires(config, name: str):
   req = REQUIRES[name]
+  if name == "sft" and config.model.hf:
+    req = ()  # starts from the Hugging Face weights unless pretrain ran (stages/common.base_params)
   if name == "reward" and config.data.source == "files" and config.data.files.ranking:
     req = ("sft",)  # real rankings instead of the label stage
   return req
@@ -108,12 +110,50 @@ def write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+# Model fields that are ours to choose whatever the checkpoint: compute precision,
+# rematerialisation, attention kernel, dropout and the longest sequence we run.
+_RUNTIME_FIELDS = ("hf", "dtype", "remat", "attention", "dropout", "max_len")
+
+
+def apply_hf_model(config) -> None:
+  """`config.model.hf = DIR`: DIR/config.json defines the architecture.
+
+  Architecture fields still at `config_lib.model()`'s defaults are replaced by the
+  checkpoint's; one set to anything else that disagrees fails with one line naming the
+  key. The model folder's tokenizer is used unless `data.tokenizer` is set. Runs before
+  validation, so the recorded workdir config holds the imported architecture.
+  """
+  if not config.model.hf:
+    return
+  from rlhf_jax import hf
+  path = os.path.expanduser(config.model.hf)
+  imported, info = hf.read_config(path)
+  defaults = config_lib.model()
+  for key, value in dataclasses.asdict(imported).items():
+    if key in _RUNTIME_FIELDS or key not in config.model:
+      continue
+    current = config.model[key]
+    if current != value and current != defaults[key]:
+      raise config_lib.ConfigError(
+          f"config.model.{key}: {current!r} conflicts with {path}/config.json ({value!r}); "
+          f"with model.hf set, leave the architecture to the checkpoint")
+    config.model[key] = value
+  limit = info.get("max_position_embeddings")
+  if limit and config.model.max_len > limit:
+    raise config_lib.ConfigError(
+        f"config.model.max_len: {config.model.max_len} exceeds {path}/config.json "
+        f"max_position_embeddings={limit}")
+  if not config.data.tokenizer:
+    config.data.tokenizer = path
+
+
 def setup(config):
   """Distributed init, compilation cache, validation, mesh: all before any compile."""
   sh.maybe_initialize_distributed(config.distributed)
   if config.compile_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compile_cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  apply_hf_model(config)
   config_lib.validate(config, jax.device_count(), jax.process_count())
   return sh.make_mesh(config.mesh)
 

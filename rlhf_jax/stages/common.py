@@ -93,6 +93,20 @@ def load_params(ctx, stage: str, model, item: str = "params"):
   return params, meta
 
 
+def base_params(ctx, model):
+  """Where the first trained stage after pretraining starts: the pretrain checkpoint, or,
+  with `config.model.hf` and no pretrain stage run, the Hugging Face weights."""
+  if ctx.config.model.hf and not ctx.is_done("pretrain"):
+    return hf_params(ctx, model)
+  return load_params(ctx, "pretrain", model)[0]
+
+
+def hf_params(ctx, model):
+  """`config.model.hf`'s weights, read tensor by tensor onto this model's shardings."""
+  from rlhf_jax import hf
+  return hf.load_params(os.path.expanduser(ctx.config.model.hf), model)
+
+
 def host_batcher(ctx, arrays: dict, global_batch: int, seed_offset: int) -> Batcher:
   return Batcher(arrays, global_batch, seed=ctx.config.seed + seed_offset,
                  process_index=jax.process_index(), process_count=jax.process_count())

@@ -18,7 +18,9 @@ def run(ctx) -> dict:
   loss, eval_loss = common.lm_losses(model, packed=True)
   summary, _ = common.train_supervised(
       ctx, "pretrain", cfg.pretrain, model=model, loss_fn=loss, eval_loss=eval_loss,
-      train_arrays=train, eval_arrays=evals, init_params=None,
+      train_arrays=train, eval_arrays=evals,
+      # From random weights, or continued pretraining of config.model.hf.
+      init_params=(lambda: common.hf_params(ctx, model)) if cfg.model.hf else None,
       tokens_per_example=cfg.data.seq_len)
   summary["corpus_tokens"] = int(train["mask"].sum() + evals["mask"].sum())
   summary["vocab_size"] = ctx.model_cfg.vocab_size

@@ -2,7 +2,8 @@
 
 Loss on response tokens (and the closing EOS) only: the prompt is context,
 not a target (InstructGPT, Ouyang et al. 2022; `loss_mask` from
-`rlhf_jax.data.batching.sft_examples`). Initialised from `pretrain`.
+`rlhf_jax.data.batching.sft_examples`). Initialised from `pretrain`, or from the
+Hugging Face model `config.model.hf` when no pretrain stage ran.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def run(ctx) -> dict:
   summary, _ = common.train_supervised(
       ctx, "sft", cfg.sft, model=model, loss_fn=loss, eval_loss=eval_loss,
       train_arrays=train, eval_arrays=evals,
-      init_params=lambda: common.load_params(ctx, "pretrain", model)[0],
+      init_params=lambda: common.base_params(ctx, model),
       tokens_per_example=cfg.data.max_len, seed_offset=1)
   summary.update(stats)
   return summary
