@@ -2,13 +2,17 @@
 
 Contract (DESIGN.md section 3): DIR/<stage>/{checkpoints/, metrics.jsonl,
 summary.json}. A stage with summary.json is finished and skipped; an
-interrupted one resumes from its last checkpoint. DIR/config.json records the
-config of the first run so a later run with a different model shape fails
-with a clear message instead of a shape error inside orbax.
+interrupted one resumes from its last checkpoint. DIR/<stage>/config.json
+records the config a stage finished with, DIR/config.json the latest run's and
+DIR/config_first.json the first run's: a later run that changes what a finished
+stage's output depends on (model shape, tokenizer, the data it read) fails with
+one clear line instead of a shape error inside orbax; other changes are listed
+("changed since the last run: data.skip_bad False -> True") and run.
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib
 import json
 import os
@@ -80,31 +84,147 @@ def _stage_requires(config, name: str):
   return req
 
 
-def _check_workdir_config(config, workdir: str) -> None:
-  path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
+# What a finished (or started) stage's output depends on, besides the model and the
+# tokenizer: the data keys it read. A change of one of these would make the stage's
+# output disagree with the config, so it is refused; any other change (data.skip_bad,
+# logging, the steps of a stage that has not run) is announced and allowed.
+# Keys absent from every list (new fields) count as read by every stage: the safe side.
+_CORPUS = ("source", "seed", "corpus_docs", "files.pretrain")
+_PROMPTS = ("source", "seed", "files.sft", "prompt_len")
+STAGE_DATA = {
+    "pretrain": _CORPUS + ("seq_len",),
+    "sft": ("source", "seed", "sft_examples", "files.sft", "max_len", "overlong"),
+    "label": _PROMPTS + ("reward_prompts",),
+    "reward": _PROMPTS + ("reward_prompts", "rl_prompts", "files.ranking", "files.ranking_format",
+                          "max_len", "overlong"),
+    "ppo": _PROMPTS + _CORPUS + ("rl_prompts", "eval_prompts", "seq_len"),  # ptx reads the corpus
+    "best_of_k": _PROMPTS + ("rl_prompts", "eval_prompts", "sft_examples", "max_len", "overlong"),
+    "evaluate": _PROMPTS + ("eval_prompts",),
+}
+# Read by no stage's output: changing them never invalidates finished work.
+_DATA_FREE = ("skip_bad",)
+# Model fields that change how a model runs, not what its checkpoint holds.
+_MODEL_FREE = ("remat", "attention", "dtype", "dropout")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+  return out
+
+
+def _read_json(path: str):
+  try:
     with open(path) as f:
-      saved = json.load(f)
-    for section in ("model", "data"):
-      fixed = {k: v for k, v in current[section].items() if k not in ("tokenizer",)}
-      old = {k: saved.get(section, {}).get(k) for k in fixed}
-      diff = {k: (old[k], v) for k, v in fixed.items() if old[k] != v}
-      if diff:
-        raise CheckpointMismatch(
-            f"{path}: this workdir was written with a different config.{section} "
-            f"(workdir, now): {json.dumps(diff)}; use a fresh --workdir or the original config")
-  elif jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(current, f, indent=2)
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+
+
+def _stage_started(workdir: str, name: str) -> bool:
+  """A finished checkpoint of the stage (or of a best-of-K round) exists."""
+  for d in glob.glob(os.path.join(workdir, name, "**", "checkpoints"), recursive=True):
+    if any(e.isdigit() for e in os.listdir(d)):
+      return True
+  return False
+
+
+def fixed_keys(config_flat: dict, stage: str) -> set[str]:
+  """Flat config keys whose change invalidates `stage`'s output (its model, tokenizer, data)."""
+  data_listed = {k for keys in STAGE_DATA.values() for k in keys} | set(_DATA_FREE)
+  keys = {k for k in config_flat if k.startswith("model.") and k[6:] not in _MODEL_FREE}
+  keys |= {"data.tokenizer", "data.vocab_size"}
+  if not config_flat.get("data.tokenizer"):  # a tokenizer trained into DIR from the corpus
+    keys |= {"data." + k for k in _CORPUS}
+  keys |= {"data." + k for k in STAGE_DATA.get(stage, ())}
+  keys |= {k for k in config_flat if k.startswith("data.") and k[5:] not in data_listed}
+  return keys
+
+
+def _diff(old: dict, new: dict, keys) -> dict:
+  return {k: (old.get(k), new.get(k)) for k in sorted(keys) if old.get(k) != new.get(k)}
+
+
+def _show(diff: dict) -> str:
+  return ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
+
+
+def check_workdir_config(config, workdir: str) -> dict:
+  """Refuse a config that contradicts finished work; return what changed since the last run.
+
+  Compared per stage: the model (shape fields; `model.hf` included), the tokenizer
+  and the data the stage read, against DIR/<stage>/config.json (what the stage ran
+  with; DIR/config.json, the previous run's, for stages without one). Stages with
+  checkpoints but no summary are held to the same rule: their resume would mix data.
+  Pure reading: every process can run it before anyone writes.
+  """
+  current = _flat(json.loads(config.to_json_best_effort()))
+  last = _read_json(os.path.join(workdir, "config.json"))
+  last = _flat(last) if isinstance(last, dict) else None
+  for name in config_lib.STAGES:
+    done = os.path.exists(os.path.join(workdir, name, "summary.json"))
+    if not (done or _stage_started(workdir, name)):
+      continue
+    saved = _read_json(os.path.join(workdir, name, "config.json"))
+    saved = _flat(saved) if isinstance(saved, dict) else last
+    if saved is None:
+      continue
+    bad = _diff(saved, current, fixed_keys(saved, name) | fixed_keys(current, name))
+    if bad:
+      what = "finished" if done else "has checkpoints"
+      raise CheckpointMismatch(
+          f"{workdir}/{name}: stage {name} {what} with a different config (then -> now): "
+          f"{_show(bad)}; use a fresh --workdir, the original values, or delete "
+          f"{workdir}/{name} (and the stages after it) to redo it")
+  if last is not None and os.path.exists(os.path.join(workdir, "tokenizer.model")):
+    bad = _diff(last, current, {"data.tokenizer", "data.vocab_size"})
+    if bad:  # a trained tokenizer is reused, so a new vocab_size would be ignored silently
+      raise CheckpointMismatch(
+          f"{workdir}/tokenizer.model was made with a different config (then -> now): "
+          f"{_show(bad)}; use a fresh --workdir")
+  # The stage list and the cache folder are how a run is invoked, not what it computes.
+  return {} if last is None else _diff(last, current, (set(last) | set(current))
+                                       - {"stages", "compile_cache"})
+
+
+def _record_config(config, workdir: str) -> None:
+  """DIR/config.json: the latest run's config; DIR/config_first.json: the first run's."""
+  os.makedirs(workdir, exist_ok=True)
+  first = os.path.join(workdir, "config_first.json")
+  latest = os.path.join(workdir, "config.json")
+  if not os.path.exists(first):  # workdirs from before config_first.json: config.json was the first
+    write_json(first, _read_json(latest) or json.loads(config.to_json_best_effort()))
+  write_json(latest, json.loads(config.to_json_best_effort()))
+
+
+def barrier(name: str) -> None:
+  """Every process waits here until all arrive (files written before it are visible after it)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _check_workdir_config(config, workdir: str) -> None:
+  """Every process checks the files as they were, then process 0 records the new config.
+
+  The barriers order the reads before the write and the write before any later read:
+  a process never sees a file another one is writing (issue 19 item 15).
+  """
+  changed = check_workdir_config(config, workdir)
+  barrier("config_checked")
+  if changed and jax.process_index() == 0:
+    print(f"changed since the last run: {_show(changed)}", flush=True)
+  _record_config(config, workdir)
+  barrier("config_written")
 
 
 def write_json(path: str, obj) -> None:
-  """Atomic write (tmp + rename): a kill never leaves a half-written summary."""
+  """Atomic write (tmp + rename) on process 0: a reader sees the old file or the whole
+  new one, never a half-written one; a kill never leaves a torn file."""
   if jax.process_index() != 0:
     return
-  tmp = path + ".tmp"
+  tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, default=float)
   os.replace(tmp, path)
@@ -185,7 +305,12 @@ def _run_stages(ctx, stages, guard) -> None:
     module = importlib.import_module(f"rlhf_jax.stages.{name}")
     summary = module.run(ctx)
     summary["wall_seconds"] = round(time.time() - t0, 2)
+    # What the stage ran with, before the summary that marks it finished: later runs
+    # are checked against it (check_workdir_config).
+    write_json(os.path.join(ctx.stage_dir(name), "config.json"),
+               json.loads(config.to_json_best_effort()))
     write_json(os.path.join(ctx.stage_dir(name), "summary.json"), summary)
+    barrier(f"{name} finished")  # the next stage may read what process 0 wrote (label data)
     print(f"[{name}] done in {summary['wall_seconds']:.1f}s: "
           + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
                       if isinstance(v, (int, float)) and k != "wall_seconds"), flush=True)

@@ -12,10 +12,12 @@ RLHF_JAX_PROCESS_ID and share one workdir. Comparisons:
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -182,3 +184,104 @@ def test_ppo_two_processes_match_one(reference, tmp_path):
     for k in ("kl_coef", "proxy_reward", "eval_proxy_reward", "eval_kl", "response_length"):
       if k in r1:
         assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-5), (k, r1, r2)
+
+
+# ----------------------------------------------- issue 19 items 13 and 15 (no training)
+
+def _script_processes(tmp_path, code: str, n: int = 2, timeout: float = 120) -> list[dict]:
+  """Run `code` in n jax.distributed processes; each prints one JSON object last."""
+  port = free_port()
+  procs = []
+  for i in range(n):
+    env = h.env()
+    env.update(COORD=f"localhost:{port}", NPROC=str(n), PID=str(i))
+    procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=h.REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  out = []
+  try:
+    for p in procs:
+      o, e = p.communicate(timeout=timeout)
+      assert p.returncode == 0, e[-3000:]
+      out.append(json.loads(o.strip().splitlines()[-1]))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return out
+
+
+_ROWS_SCRIPT = """
+import json, os
+import jax, numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(os.environ["COORD"], int(os.environ["NPROC"]), int(os.environ["PID"]))
+from jax.sharding import Mesh
+from rlhf_jax.data.batching import Batcher
+from rlhf_jax.stages.common import HostBatcher
+from rlhf_jax.train import sharding as sh
+# Process 1's device first: the mesh's order is not the process order (as on a TPU pod).
+mesh = Mesh(np.array(jax.devices()[::-1]).reshape(2, 1, 1), sh.AXES)
+arrays = {"x": np.arange(10) * 10}
+rows = np.arange(3, 11) % 10
+put = sh.to_host(sh.put_batch(sh.host_slice(arrays, rows, mesh), mesh)["x"])
+hb = HostBatcher(arrays, 4, 7, mesh)
+batches = [sh.to_host(sh.put_batch(hb.get(s), mesh)["x"]).tolist() for s in range(3)]
+want = [Batcher(arrays, 4, seed=7).get(s)["x"].tolist() for s in range(3)]
+print(json.dumps({"put": put.tolist(), "want_put": arrays["x"][rows].tolist(),
+                  "batches": batches, "want": want}))
+"""
+
+
+def test_global_batches_follow_the_mesh_device_order(tmp_path):
+  """Item 13: each process feeds the rows its devices hold, whatever the mesh's device order."""
+  for r in _script_processes(tmp_path, _ROWS_SCRIPT):
+    assert r["put"] == r["want_put"]
+    assert r["batches"] == r["want"]
+
+
+_SLOW_WRITER = '''
+import json, os, time
+# Test hook (issue 19 item 15): process 0 writes config.json slowly, process 1 looks late.
+if os.environ.get("RLHF_JAX_PROCESS_ID") == "0":
+  _dump = json.dump
+  def _slow_dump(obj, fp, *a, **k):
+    if "config.json" in str(getattr(fp, "name", "")):
+      fp.flush(); time.sleep(4)
+    return _dump(obj, fp, *a, **k)
+  json.dump = _slow_dump
+elif os.environ.get("RLHF_JAX_PROCESS_ID") == "1":
+  _exists = os.path.exists
+  def _late_exists(p):
+    if str(p).endswith("config.json"):
+      time.sleep(2)
+    return _exists(p)
+  os.path.exists = _late_exists
+'''
+
+
+def test_config_json_is_never_read_half_written(tmp_path):
+  """Item 15: process 0 writes DIR/config.json while process 1 starts; process 1 must neither
+  read a half-written file nor need one. Both stop at the same clear error (no SFT yet)."""
+  hook = tmp_path / "hook"
+  hook.mkdir()
+  (hook / "sitecustomize.py").write_text(_SLOW_WRITER)
+  wd = tmp_path / "wd"
+  port = free_port()
+  procs = []
+  for i in range(2):
+    env = h.env()
+    env.update(RLHF_JAX_COORDINATOR=f"localhost:{port}", RLHF_JAX_NUM_PROCESSES="2",
+               RLHF_JAX_PROCESS_ID=str(i), PYTHONPATH=f"{hook}:{env.get('PYTHONPATH', '')}")
+    procs.append(subprocess.Popen(h.cli_args(wd, "--config.stages=evaluate"), cwd=h.REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  res = []
+  try:
+    for p in procs:
+      res.append((*p.communicate(timeout=120), p.returncode))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for out, err, rc in res:
+    assert rc == 2 and "needs the output of stage sft" in err, (rc, err[-3000:])
+  assert h.read_json(wd / "config.json")["stages"] == "evaluate"

@@ -19,6 +19,7 @@ dataset's metadata.json, so the counts survive the cache.
 """
 import collections.abc
 import dataclasses
+import logging
 import os
 from typing import Any, Callable, Iterable
 
@@ -28,6 +29,17 @@ import tensorflow_datasets as tfds
 from rlhf_jax.data import formats
 
 SPLITS = ('train', 'validation', 'test')
+
+
+class _QuietPrepare(logging.Filter):
+  """tfds warns "Variant folder ... has no dataset_info.json" while it looks for data it has
+  not prepared yet: expected on every first preparation, not a problem."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith('Variant folder')
+
+
+logging.getLogger('absl').addFilter(_QuietPrepare())
 _Text, _Seq = tfds.features.Text, tfds.features.Sequence
 
 FEATURES = {  # record kind -> feature spec (all TF-free)
@@ -55,6 +67,15 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _kind(self) -> str:
     raise NotImplementedError
+
+  # tfds prints "Downloading and preparing dataset Unknown size (download: Unknown size ..."
+  # and "... downloaded and prepared to ..." around every preparation. Nothing is
+  # downloaded: load_records prints one line of ours instead.
+  def _log_download_bytes(self):
+    pass
+
+  def _log_download_done(self):
+    pass
 
   def _info(self):
     return tfds.core.DatasetInfo(
@@ -250,11 +271,25 @@ def make_builder(kind: str, data_dir, builder_config=None, *, skip_bad: bool = F
                         skip_bad=skip_bad, allow_ties=allow_ties)
 
 
+def prepared_line(builder, manual_dir) -> str:
+  """`preparing DIR from FILES: N rows, M skipped` for a builder just prepared."""
+  stats = builder.info.metadata.get('stats', {})
+  rows = sum(s['read'] for s in stats.values())
+  skipped = sum(sum(s['skipped'].values()) for s in stats.values())
+  if manual_dir is not None and hasattr(builder, 'SUFFIXES'):
+    files = ', '.join(split_files(manual_dir, builder.SUFFIXES).values())
+  else:
+    files = f'{builder.builder_config.name} (generated)'
+  return f'preparing {builder.data_dir} from {files}: {rows} rows, {skipped} skipped'
+
+
 def load_records(kind: str, data_dir, manual_dir=None, split: str = 'train',
                  builder_config=None, skip_bad: bool = False, *,
-                 allow_ties: bool = False, force_prepare: bool = False
+                 allow_ties: bool = False, force_prepare: bool = False, verbose: bool = True
                  ) -> tuple[Records, formats.ReadStats]:
   """Prepares the dataset if needed and opens one split for random access.
+
+  A preparation prints one line (verbose=True): `preparing DIR from FILES: N rows, M skipped`.
 
   Returns (records, stats): records[i] is a dict of str / list[str] / list[int];
   stats counts the rows read and skipped (by reason) when the split was built.
@@ -274,6 +309,8 @@ def load_records(kind: str, data_dir, manual_dir=None, split: str = 'train',
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=None if manual_dir is None else os.fspath(manual_dir),
         download_mode=mode.FORCE_REDOWNLOAD if (force_prepare or stale) else mode.REUSE_DATASET_IF_EXISTS))
+    if verbose:
+      print(prepared_line(builder, manual_dir), flush=True)
   name = '/'.join([builder.name] + ([builder.builder_config.name] if builder.builder_config else []))
   if split not in builder.info.splits:
     raise formats.DataError(f'{name} in {data_dir}: no split {split!r}; '

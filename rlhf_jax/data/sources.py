@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import zlib
 
 import jax
 import numpy as np
@@ -22,9 +23,20 @@ from rlhf_jax.data import batching, world
 from rlhf_jax.data.formats import DataError
 from rlhf_jax.data.tokenizer import Tokenizer
 
-# Each prompt split has its own seed stream so splits do not overlap systematically.
-PROMPT_SPLITS = {"reward": 11, "rl": 12, "eval": 13}
+# Each prompt split has its own seed stream ("prompts/reward", ..) so splits do not overlap.
+PROMPT_SPLITS = ("reward", "rl", "eval")
 EVAL_FRACTION = 0.05  # of the corpus / demonstrations held out for eval loss
+
+
+def stream_seed(seed: int, *names: str) -> int:
+  """The seed of one random stream: numpy's SeedSequence over (seed, CRC-32 of each name).
+
+  Streams of different names, or of the same name under different seeds, are
+  independent; seed + offset (or seed * 1000 + a character sum) made seed 1's
+  stream A equal seed 0's stream B, or two anagrams' streams equal.
+  """
+  words = [int(seed) % 2**32, int(seed) // 2**32 % 2**32] + [zlib.crc32(n.encode()) for n in names]
+  return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]) >> 1  # a 63-bit int
 
 
 def _split(arrays: dict, frac: float, name: str):
@@ -73,7 +85,8 @@ class DataSources:
     return [r["text"] for r in recs]
 
   def seed_for(self, name: str) -> int:
-    return self.cfg.seed * 1000 + sum(map(ord, name))
+    """The synthetic data's stream `name` under data.seed (see `stream_seed`)."""
+    return stream_seed(self.cfg.seed, "data", name)
 
   def _records(self, kind: str, manual_dir: str, split: str, config=None, data_dir=None):
     from rlhf_jax.data.builders import load_records
@@ -81,13 +94,34 @@ class DataSources:
     tfds.disable_progress_bar()
     if not manual_dir:
       raise DataError(f"config.data.files: no folder given for {kind} data (data.source=files)")
-    try:
-      return load_records(kind, data_dir or os.path.join(self.tfds_dir, kind), manual_dir=manual_dir,
-                          split=split, builder_config=config, skip_bad=self.cfg.skip_bad)
-    except (ValueError, KeyError) as e:
-      if isinstance(e, DataError):
-        raise
-      raise DataError(f"{manual_dir}: {e}") from None
+    data_dir = data_dir or os.path.join(self.tfds_dir, kind)
+
+    def load():
+      try:
+        return load_records(kind, data_dir, manual_dir=manual_dir, split=split,
+                            builder_config=config, skip_bad=self.cfg.skip_bad,
+                            verbose=jax.process_index() == 0)
+      except (ValueError, KeyError) as e:
+        if isinstance(e, DataError):
+          raise
+        raise DataError(f"{manual_dir}: {e}") from None
+
+    if jax.process_count() == 1:
+      return load()
+    # Preparation writes one folder (on a shared file system for a pod): process 0
+    # prepares, the others wait at a barrier, then read what it wrote. A bad file
+    # fails on process 0 after the barrier, and then on the others the same way.
+    from jax.experimental import multihost_utils
+    out, error = None, None
+    if jax.process_index() == 0:
+      try:
+        out = load()
+      except DataError as e:
+        error = e
+    multihost_utils.sync_global_devices(f"tfds {data_dir} {split}")
+    if error is not None:
+      raise error
+    return out if out is not None else load()
 
   # ------------------------------------------------------------ stage datasets
   def corpus_rows(self):
@@ -118,7 +152,7 @@ class DataSources:
     if self.synthetic:
       n = {"reward": self.cfg.reward_prompts, "rl": self.cfg.rl_prompts,
            "eval": self.cfg.eval_prompts}[split]
-      return world.make_prompts(self.seed_for("prompts") + PROMPT_SPLITS[split], n)
+      return world.make_prompts(self.seed_for(f"prompts/{split}"), n)
     recs, _ = self._records("sft", self.cfg.files.sft, "test" if split == "eval" else "train")
     return [r["prompt"] for r in recs]
 

@@ -232,7 +232,7 @@ def _run_round(ctx, r: int, model, gen, reward, prev_params, evaluator, sft_eval
   train_summary, state = common.train_supervised(
       ctx, f"best_of_k/round_{r}", bc.train, model=model, loss_fn=loss, eval_loss=loss,
       train_arrays=fill_batch(ex, bc.train.batch_size), eval_arrays=sft_eval_arrays,
-      init_params=lambda: copy(prev_params), tokens_per_example=width, seed_offset=100 + r,
+      init_params=lambda: copy(prev_params), tokens_per_example=width,
       extra_meta={"best_of_k": {k: v for k, v in bc.to_dict().items()
                                 if k not in ("train", "rounds", "eval_pool")}})  # shape the round
   compute = _round_compute(ctx, len(rows) * bc.k, width)

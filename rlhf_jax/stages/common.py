@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.data.batching import Batcher
+from rlhf_jax.data.sources import stream_seed
 from rlhf_jax.train import sharding as sh
 from rlhf_jax.train import state as st
 from rlhf_jax.train.checkpoint import Checkpointer, CheckpointMismatch, restore_item
@@ -107,12 +108,33 @@ def hf_params(ctx, model):
   return hf.load_params(os.path.expanduser(ctx.config.model.hf), model)
 
 
-def host_batcher(ctx, arrays: dict, global_batch: int, seed_offset: int) -> Batcher:
-  return Batcher(arrays, global_batch, seed=ctx.config.seed + seed_offset,
-                 process_index=jax.process_index(), process_count=jax.process_count())
+class HostBatcher:
+  """This process's rows of a Batcher's global batches (`get(step)`, a pure function of
+  the seed and the step). The rows are those its devices hold (`sharding.process_rows`),
+  so a mesh whose device order differs from the process order still gets every row once."""
+
+  def __init__(self, arrays: dict, global_batch: int, seed: int, mesh, name: str = "dataset"):
+    self.batcher = Batcher(arrays, global_batch, seed=seed, name=name)  # the global batch
+    self.seed, self.global_batch = seed, global_batch
+    self._rows = sh.process_rows(mesh, global_batch)
+
+  def indices(self, step: int) -> np.ndarray:
+    return self.batcher.indices(step)[self._rows]
+
+  def get(self, step: int) -> dict:
+    idx = self.indices(step)
+    return {k: v[idx] for k, v in self.batcher.examples.items()}
 
 
-def eval_batches(arrays: dict, batch_size: int, n_batches: int, mesh=None) -> list[dict]:
+def host_batcher(ctx, arrays: dict, global_batch: int, stream) -> HostBatcher:
+  """Batches of one named random stream (e.g. "sft", "ppo/prompts"): its seed folds the
+  name into config.seed (`sources.stream_seed`), so no two streams of any two seeds
+  coincide (seed + offset made seed 1's pretraining order seed 0's SFT order)."""
+  seed = stream_seed(ctx.config.seed, "batches", str(stream))
+  return HostBatcher(arrays, global_batch, seed, ctx.mesh, name=str(stream))
+
+
+def eval_batches(arrays: dict, batch_size: int, n_batches: int, mesh) -> list[dict]:
   """Fixed evaluation batches from the first rows (host-local slices).
 
   A held-out set smaller than one training batch is evaluated in one smaller
@@ -120,13 +142,14 @@ def eval_batches(arrays: dict, batch_size: int, n_batches: int, mesh=None) -> li
   """
   rows = len(next(iter(arrays.values())))
   if rows < batch_size:
-    dp = sh.data_parallel_size(mesh) * jax.process_count() if mesh is not None else 1
+    dp = sh.data_parallel_size(mesh)
     batch_size = rows // dp * dp
     if batch_size == 0:
       raise ValueError(f"evaluation set of {rows} rows is smaller than the {dp} data-parallel "
                        f"devices; use more data")
   n = min(n_batches, rows // batch_size)
-  return [sh.host_slice(arrays, np.arange(i * batch_size, (i + 1) * batch_size)) for i in range(n)]
+  return [sh.host_slice(arrays, np.arange(i * batch_size, (i + 1) * batch_size), mesh)
+          for i in range(n)]
 
 
 def make_evaluator(ctx, eval_loss: Callable, batches: list[dict]):
@@ -146,12 +169,13 @@ def make_evaluator(ctx, eval_loss: Callable, batches: list[dict]):
 def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_loss: Callable,
                      train_arrays: dict, eval_arrays: dict, init_params: Callable | None,
                      extra_meta: dict | None = None, tokens_per_example: int = 0,
-                     seed_offset: int = 0) -> tuple[dict, dict]:
+                     stream: str | None = None) -> tuple[dict, dict]:
   """Train `model` on `train_arrays` with `loss_fn`; returns (summary figures, final state).
 
   init_params(): params to start from (another stage's checkpoint), or None
   for random initialisation. Only called when there is no checkpoint of this
   stage yet; an interrupted run resumes from its own checkpoint instead.
+  stream: the batch order's random stream (default: `name`, distinct per stage/round).
   """
   stage_dir = ctx.stage_dir(name)
   optimizer = make_optimizer(tcfg.opt, tcfg.steps)
@@ -175,7 +199,7 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
     params = init_params() if init_params is not None else st.init_params(model, jax.random.fold_in(key, 2**31 - 1))
     state = init_state(params)
     init_eval = evaluator(state["params"])
-  batcher = host_batcher(ctx, train_arrays, tcfg.batch_size, seed_offset)
+  batcher = host_batcher(ctx, train_arrays, tcfg.batch_size, stream or name)
   step = make_train_step(loss_fn, optimizer, grad_accum=tcfg.grad_accum, nonfinite=tcfg.nonfinite)
   step_fn = compile_step(step, ctx.mesh, st.shardings_of(abstract), batcher.get(0))
   state, rows = train_loop(

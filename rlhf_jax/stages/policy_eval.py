@@ -100,7 +100,7 @@ class PolicyEvaluator:
   def _batches(self):
     n = len(self.texts) // self.batch_size * self.batch_size
     for i in range(0, n, self.batch_size):
-      yield i, sh.host_slice(self.prompts, np.arange(i, i + self.batch_size))
+      yield i, sh.host_slice(self.prompts, np.arange(i, i + self.batch_size), self.ctx.mesh)
 
   def samples(self, params, key=0):
     """Sample once per held-out prompt; returns host arrays and per-sample figures."""
@@ -159,7 +159,7 @@ def sample_rows(ctx, gen, params, prompts: dict, batch_size: int, key, reward: R
   model) proxy scores.
   """
   out = {"response": [], "response_mask": [], "ended": [], "proxy": []}
-  for start, keep, host in sh.global_batches(prompts, batch_size):
+  for start, keep, host in sh.global_batches(prompts, batch_size, ctx.mesh):
     _stop_if_preempted()
     b = sh.put_batch(host, ctx.mesh)
     g = gen(params, b["prompt"], b["prompt_mask"], jax.random.fold_in(key, start))

@@ -79,13 +79,13 @@ def run(ctx) -> dict:
     critic_init = reward.normalized_params() if pc.critic != "shared" else sft_params
     state = init_state(copy(sft_params), critic_init)
 
-  prompt_batcher = common.host_batcher(ctx, prompts, pc.rollout_batch, seed_offset=2)
+  prompt_batcher = common.host_batcher(ctx, prompts, pc.rollout_batch, "ppo/prompts")
   ptx_batcher = None
   if pc.ptx_coef > 0:
     ptx_rows, _ = ctx.sources.corpus_rows()
     # ptx_batch fresh rows for each of the iteration's epochs x minibatches updates.
     ptx_batcher = common.host_batcher(ctx, ptx_rows, pc.ptx_batch * pc.epochs * pc.minibatches,
-                                      seed_offset=3)
+                                      "ppo/ptx")
 
   def get_batch(s):
     b = dict(prompt_batcher.get(s))

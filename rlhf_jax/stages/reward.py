@@ -57,7 +57,7 @@ def _rewards_of(ctx, model, params, arrays: dict, batch_size: int) -> np.ndarray
   fn = jax.jit(functools.partial(response_rewards, model))
   inputs = {k: arrays[k] for k in ("tokens", "mask")}
   out = []
-  for _, keep, host in sh.global_batches(inputs, batch_size):
+  for _, keep, host in sh.global_batches(inputs, batch_size, ctx.mesh):
     b = sh.put_batch(host, ctx.mesh)
     out.append(sh.to_host(fn(params, b["tokens"], b["mask"]))[:keep])
   return np.concatenate(out)
@@ -113,7 +113,7 @@ def run(ctx) -> dict:
       train_arrays=train, eval_arrays=evals,
       init_params=lambda: _fresh_head(model, common.load_params(ctx, "sft", model)[0],
                                       jax.random.fold_in(ctx.key("reward"), 7)),
-      seed_offset=4)
+      tokens_per_example=int(np.prod(train["tokens"].shape[1:])))  # K x length per comparison
   params = state["params"]
   rewards = _rewards_of(ctx, model, params, evals, rc.batch_size)
   ev_loss, ev = jax.jit(ranking_loss)(rewards, evals["ranks"], evals["valid"])

@@ -88,8 +88,9 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 def put_batch(batch: dict, mesh: Mesh) -> dict:
   """Host-local numpy batch -> global jax arrays sharded over data axes.
 
-  Each process passes its own slice of the global batch (multi-host data
-  loading); `make_array_from_process_local_data` stitches them together.
+  Each process passes the rows its own devices hold (`process_rows`, the
+  order `make_array_from_process_local_data` maps them in); it stitches them
+  together.
   """
   def put(x):
     x = np.asarray(x)
@@ -98,15 +99,28 @@ def put_batch(batch: dict, mesh: Mesh) -> dict:
   return jax.tree.map(put, batch)
 
 
-def host_slice(arrays: dict, rows) -> dict:
-  """This process's contiguous share of the global batch made of `rows` (row indices)."""
-  per = len(rows) // jax.process_count()
-  lo = jax.process_index() * per
-  idx = np.asarray(rows)[lo:lo + per]
+def process_rows(mesh: Mesh, n: int) -> np.ndarray:
+  """Rows of a global batch of n that this process's devices hold under `batch_sharding`,
+  ascending: the local data `make_array_from_process_local_data` expects.
+
+  Taken from the sharding's own index map, not assumed to be [p n/P, (p+1) n/P):
+  a mesh's device order (jax.make_mesh follows a TPU pod's physical topology) need
+  not follow process order. Processes that replicate a shard hold the same rows.
+  """
+  index = batch_sharding(mesh, 1).addressable_devices_indices_map((n,))
+  rows = set()
+  for idx in index.values():
+    rows.update(range(*idx[0].indices(n)))
+  return np.asarray(sorted(rows), np.int64)
+
+
+def host_slice(arrays: dict, rows, mesh: Mesh) -> dict:
+  """This process's share of the global batch made of `rows` (global row indices)."""
+  idx = np.asarray(rows)[process_rows(mesh, len(rows))]
   return {k: v[idx] for k, v in arrays.items()}
 
 
-def global_batches(arrays: dict, batch_size: int):
+def global_batches(arrays: dict, batch_size: int, mesh: Mesh):
   """Every row once, in global batches; the last one is filled up by wrapping around.
 
   Yields (start, n_real, host slice): a caller keeps the first n_real rows of a
@@ -115,7 +129,7 @@ def global_batches(arrays: dict, batch_size: int):
   n = len(next(iter(arrays.values())))
   for start in range(0, n, batch_size):
     rows = np.arange(start, start + batch_size) % n
-    yield start, min(batch_size, n - start), host_slice(arrays, rows)
+    yield start, min(batch_size, n - start), host_slice(arrays, rows, mesh)
 
 
 def to_host(x):
