@@ -40,7 +40,15 @@ def model(**kw) -> mlc.ConfigDict:
               vocab_size=0,  # 0 = take it from the tokenizer
               d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=512, max_len=128,
               rope_theta=10000.0, tie_embeddings=True, dropout=0.0, dtype="float32",
-              remat="none", attention="xla", norm_eps=1e-5)
+              remat="none", attention="xla", norm_eps=1e-5,
+              # Family switches (rlhf_jax/model/transformer.py ModelConfig; set by
+              # rlhf_jax.hf from a checkpoint's config.json). Defaults = Llama-style.
+              head_dim=0,  # 0 = d_model // n_heads
+              norm="rms", norm_offset=False, qkv_bias=False, o_bias=False, mlp="gated",
+              mlp_bias=False, act="silu", positions="rope", qk_norm=False, embed_scale=False,
+              rope_scaling="none", rope_factor=1.0, rope_low_freq_factor=1.0,
+              rope_high_freq_factor=4.0, rope_original_max_len=8192,
+              attn_scale=0.0, attn_softcap=0.0, final_softcap=0.0, sandwich_norm=False)
   base.update(kw)
   return mlc.ConfigDict(base)
 
@@ -83,10 +91,7 @@ def validate(config, n_devices: int, n_processes: int = 1) -> None:
   m = config.model
   for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len"):
     _positive(config, f"model.{key}")
-  if m.d_model % m.n_heads:
-    _fail("model.n_heads", f"{m.n_heads} does not divide model.d_model={m.d_model}")
-  if (m.d_model // m.n_heads) % 2:
-    _fail("model.n_heads", f"head_dim={m.d_model // m.n_heads} must be even for rotary embeddings")
+  _validate_model_family(config)
   if m.n_heads % m.n_kv_heads:
     _fail("model.n_kv_heads", f"{m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
   if m.n_kv_heads % tp:
@@ -114,6 +119,34 @@ def validate(config, n_devices: int, n_processes: int = 1) -> None:
   for stage in ("pretrain", "sft", "reward"):
     _validate_train(config, stage, dp, n_processes)
   _validate_rl(config, dp, n_processes)
+
+
+def _validate_model_family(config) -> None:
+  m = config.model
+  head_dim = m.get("head_dim", 0)
+  if head_dim < 0:
+    _fail("model.head_dim", f"must be >= 0 (0 = d_model // n_heads), got {head_dim}")
+  if not head_dim and m.d_model % m.n_heads:
+    _fail("model.n_heads", f"{m.n_heads} does not divide model.d_model={m.d_model}")
+  head_dim = head_dim or m.d_model // m.n_heads
+  if m.get("positions", "rope") == "rope" and head_dim % 2:
+    _fail("model.head_dim" if m.get("head_dim", 0) else "model.n_heads",
+          f"head_dim={head_dim} must be even for rotary embeddings")
+  for key, options in (("norm", ("rms", "layer")), ("mlp", ("gated", "plain")),
+                       ("act", ("silu", "gelu_tanh", "gelu")), ("positions", ("rope", "learned")),
+                       ("rope_scaling", ("none", "linear", "llama3"))):
+    if key in m:
+      _choice(config, f"model.{key}", options)
+  if m.get("rope_scaling", "none") != "none" and m.rope_factor <= 0:
+    _fail("model.rope_factor", f"must be > 0, got {m.rope_factor}")
+  if m.get("rope_scaling", "none") == "llama3":
+    if m.rope_high_freq_factor <= m.rope_low_freq_factor:
+      _fail("model.rope_high_freq_factor", f"{m.rope_high_freq_factor} must exceed "
+            f"model.rope_low_freq_factor={m.rope_low_freq_factor}")
+    _positive(config, "model.rope_original_max_len")
+  for key in ("attn_scale", "attn_softcap", "final_softcap"):
+    if m.get(key, 0.0) < 0:
+      _fail(f"model.{key}", f"must be >= 0 (0 = off/default), got {m[key]}")
 
 
 def _validate_train(config, stage: str, dp: int, n_processes: int) -> None:

@@ -20,7 +20,9 @@ def token_logprobs(logits, tokens, temperature=1.0):
   """
   logits = logits[:, :-1].astype(jnp.float32) / temperature
   logp = jax.nn.log_softmax(logits, axis=-1)
-  return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  # mode="clip": a PAD id equal to the vocab size (tokenizers without a PAD token) would
+  # otherwise gather NaN at masked positions, and NaN * 0 is still NaN in masked sums.
+  return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1, mode="clip")[..., 0]
 
 
 def lm_loss(logits, tokens, loss_mask):
@@ -34,7 +36,7 @@ def lm_loss(logits, tokens, loss_mask):
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
   targets = tokens[:, 1:]
   m = loss_mask[:, 1:].astype(jnp.float32)
-  ce = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  ce = -jnp.take_along_axis(logp, targets[..., None], axis=-1, mode="clip")[..., 0]  # see token_logprobs
   n = jnp.sum(m)
   denom = jnp.maximum(n, 1.0)
   loss = jnp.sum(ce * m) / denom

@@ -16,6 +16,13 @@ and attends over the cache (prefill and decode in `rlhf_jax.sampling`).
 
 Every parameter carries logical axis names; `rlhf_jax.train.sharding` maps
 them to mesh axes.
+
+Other families are a handful of `ModelConfig` switches on this one module
+(`rlhf_jax.hf` maps their checkpoints): GPT-2 (Radford et al. 2019: LayerNorm
+with bias, learned positions, plain GELU MLP, biases), Qwen2 (q/k/v biases),
+Qwen3 (q/k RMSNorm, free head_dim), Gemma (Gemma Team 2024: (1 + w) norms,
+sqrt(d) embedding scale, GeGLU) and Gemma 2 (sandwich norms, soft-capping),
+Llama 3's rope scaling. The defaults are the Llama-style model above.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -45,10 +53,31 @@ class ModelConfig:
   remat: str = "none"  # none | full | dots (save matmul outputs only)
   attention: str = "xla"  # xla | cudnn (fused kernel on GPU)
   norm_eps: float = 1e-5
+  # Family switches (defaults = the Llama-style model; see the module docstring).
+  head_dim: int = 0  # 0 = d_model // n_heads (resolved in __post_init__); Qwen3/Gemma set it
+  norm: str = "rms"  # rms | layer (LayerNorm with bias: GPT-2)
+  norm_offset: bool = False  # scale applied as (1 + w), w initialised at 0 (Gemma)
+  qkv_bias: bool = False  # Qwen2, GPT-2
+  o_bias: bool = False  # GPT-2
+  mlp: str = "gated"  # gated (SwiGLU/GeGLU) | plain (GPT-2: act(x W1) W2)
+  mlp_bias: bool = False  # GPT-2
+  act: str = "silu"  # silu | gelu_tanh | gelu (erf)
+  positions: str = "rope"  # rope | learned (GPT-2: a [max_len, d] table)
+  qk_norm: bool = False  # RMSNorm over head_dim on q and k before rope (Qwen3)
+  embed_scale: bool = False  # embeddings times sqrt(d_model) (Gemma)
+  rope_scaling: str = "none"  # none | linear | llama3 (Llama 3.1 frequency-dependent scaling)
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  attn_scale: float = 0.0  # 0 = head_dim ** -0.5; Gemma 2: query_pre_attn_scalar ** -0.5
+  attn_softcap: float = 0.0  # 0 = off; Gemma 2: scores = c * tanh(scores / c)
+  final_softcap: float = 0.0  # 0 = off; Gemma 2 logit soft-capping
+  sandwich_norm: bool = False  # extra norms on the attention and MLP outputs (Gemma 2)
 
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.n_heads
+  def __post_init__(self):
+    if not self.head_dim:
+      object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
 
   @classmethod
   def from_config(cls, cfg, vocab_size: int | None = None) -> "ModelConfig":
@@ -62,10 +91,16 @@ class ModelConfig:
 def param_count(cfg: ModelConfig, with_embeddings: bool = True) -> int:
   d, f, h = cfg.d_model, cfg.d_ff, cfg.head_dim
   attn = d * cfg.n_heads * h * 2 + d * cfg.n_kv_heads * h * 2
-  per_layer = attn + 3 * d * f + 2 * d
-  n = cfg.n_layers * per_layer + d + d + 1  # final norm, scalar head
+  attn += (cfg.n_heads + 2 * cfg.n_kv_heads) * h * cfg.qkv_bias + d * cfg.o_bias
+  attn += 2 * h * cfg.qk_norm
+  n_in = 2 if cfg.mlp == "gated" else 1
+  mlp = (n_in + 1) * d * f + (n_in * f + d) * cfg.mlp_bias
+  norm = d * (2 if cfg.norm == "layer" else 1)
+  per_layer = attn + mlp + norm * (4 if cfg.sandwich_norm else 2)
+  n = cfg.n_layers * per_layer + norm + d + 1  # final norm, scalar head
   if with_embeddings:
     n += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    n += cfg.max_len * d * (cfg.positions == "learned")
   return n
 
 
@@ -76,7 +111,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   values 2 * 2 * L_layers * seq * d (PaLM paper, appendix B).
   """
   d, f, h = cfg.d_model, cfg.d_ff, cfg.head_dim
-  matmul = cfg.n_layers * (d * cfg.n_heads * h * 2 + d * cfg.n_kv_heads * h * 2 + 3 * d * f)
+  n_in = 2 if cfg.mlp == "gated" else 1
+  matmul = cfg.n_layers * (d * cfg.n_heads * h * 2 + d * cfg.n_kv_heads * h * 2 + (n_in + 1) * d * f)
   matmul += cfg.vocab_size * d
   attn = 2 * cfg.n_layers * seq_len * cfg.n_heads * h  # QK^T and AV, per token
   return 3 * (2 * matmul + 2 * attn)
@@ -86,28 +122,88 @@ def _dense_init(std):
   return nn.initializers.normal(stddev=std)
 
 
+def _zeros(axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros, axes)
+
+
+ACTS = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+        "gelu": lambda x: nn.gelu(x, approximate=False)}
+
+
 class RMSNorm(nn.Module):
+  """RMSNorm (Zhang & Sennrich 2019); kind="layer" is LayerNorm with a bias (GPT-2);
+  offset=True applies the scale as (1 + w) with w starting at 0 (Gemma)."""
   eps: float
   dtype: Any
+  kind: str = "rms"
+  offset: bool = False
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
+    scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)),
                        (x.shape[-1],), jnp.float32)
     x32 = x.astype(jnp.float32)
+    if self.kind == "layer":
+      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * scale).astype(self.dtype)
+    y = y * (1.0 + scale if self.offset else scale)
+    if self.kind == "layer":
+      y = y + self.param("bias", _zeros(("norm",)), (x.shape[-1],), jnp.float32)
+    return y.astype(self.dtype)
 
 
-def rope(x, positions, theta):
-  """Rotary embedding on [B, T, H, D] at integer positions [B, T] (Su et al. 2021)."""
-  d = x.shape[-1]
-  freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+def _norm(cfg: ModelConfig, name: str):
+  return RMSNorm(cfg.norm_eps, DTYPES[cfg.dtype], cfg.norm, cfg.norm_offset, name=name)
+
+
+def rope_frequencies(cfg: ModelConfig):
+  """Inverse frequencies [head_dim / 2] of the rotary embedding, with rope scaling."""
+  d = cfg.head_dim
+  if cfg.rope_scaling == "none":
+    return cfg.rope_theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  freq = 1.0 / cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+  if cfg.rope_scaling == "linear":  # position interpolation (Chen et al. 2023)
+    freq = freq / cfg.rope_factor
+  elif cfg.rope_scaling == "llama3":
+    # Llama 3.1 (transformers' _compute_llama3_parameters): wavelengths longer than
+    # original/low_freq_factor are slowed by `factor`, shorter than original/high_freq_factor
+    # are kept, and the band between is interpolated smoothly.
+    old, lo, hi = cfg.rope_original_max_len, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen = 2 * np.pi / freq
+    scaled = np.where(wavelen > old / lo, freq / cfg.rope_factor, freq)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    freq = np.where(medium, smoothed, scaled)
+  else:
+    raise ValueError(f"rope_scaling {cfg.rope_scaling!r} is not one of none, linear, llama3")
+  return jnp.asarray(freq, jnp.float32)
+
+
+def rope(x, positions, freq):
+  """Rotary embedding on [B, T, H, D] at integer positions [B, T] (Su et al. 2021).
+
+  Rotates the two halves of each head (the "rotate_half" layout of Llama/GPT-NeoX
+  checkpoints as transformers stores them)."""
   angle = positions[..., None].astype(jnp.float32) * freq  # [B, T, D/2]
   sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+def softcap_attention(q, k, v, mask, scale, cap):
+  """Attention with tanh soft-capped scores, cap * tanh(s / cap) (Gemma 2); the fused
+  kernels have no hook for it. q [B,T,N,D], k/v [B,S,K,D], mask broadcastable to [B,1,T,S]."""
+  b, t, n, d = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, t, kv, n // kv, d)
+  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  s = cap * jnp.tanh(s / cap)
+  s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, n, d)
 
 
 class Attention(nn.Module):
@@ -124,14 +220,19 @@ class Attention(nn.Module):
     group = cfg.n_heads // cfg.n_kv_heads
     qkv = nn.DenseGeneral(
         (cfg.n_kv_heads, group + 2, cfg.head_dim), dtype=dt, param_dtype=jnp.float32,
-        use_bias=False, name="qkv",
+        use_bias=cfg.qkv_bias, name="qkv", bias_init=_zeros(("kv_heads", None, "head_dim")),
         kernel_init=nn.with_logical_partitioning(_dense_init(std), ("embed", "kv_heads", None, "head_dim")))(x)
     b, t = x.shape[:2]
     # Query head n = kv * group + g: the layout jax.nn.dot_product_attention expects for GQA.
     q = qkv[:, :, :, :group].reshape(b, t, cfg.n_heads, cfg.head_dim)
     k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]
-    q = rope(q, positions, cfg.rope_theta)
-    k = rope(k, positions, cfg.rope_theta)
+    if cfg.qk_norm:  # Qwen3: per-head RMSNorm of q and k before rotation
+      q = RMSNorm(cfg.norm_eps, dt, name="q_norm")(q)
+      k = RMSNorm(cfg.norm_eps, dt, name="k_norm")(k)
+    if cfg.positions == "rope":
+      freq = rope_frequencies(cfg)
+      q = rope(q, positions, freq)
+      k = rope(k, positions, freq)
     q = self.constrain(q, ("batch", "length", "act_heads", "head_dim"))
     new_cache = None
     if cache is not None:
@@ -140,15 +241,21 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
       new_cache = {"k": k, "v": v}
       k, v = k.astype(dt), v.astype(dt)
-    if cfg.attention == "cudnn" and attn_mask is None:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    scale = cfg.attn_scale or None  # None: jax's default head_dim ** -0.5
+    if cfg.attention == "cudnn" and attn_mask is None and not cfg.attn_softcap:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, implementation="cudnn")
     else:
       if attn_mask is None:  # unpadded causal training batch
         t = x.shape[1]
         attn_mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
-      out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)
+      if cfg.attn_softcap:
+        out = softcap_attention(q, k, v, attn_mask, cfg.attn_scale or cfg.head_dim ** -0.5,
+                                cfg.attn_softcap)
+      else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask, scale=scale)
     out = nn.DenseGeneral(
-        cfg.d_model, axis=(-2, -1), dtype=dt, param_dtype=jnp.float32, use_bias=False, name="o",
+        cfg.d_model, axis=(-2, -1), dtype=dt, param_dtype=jnp.float32, use_bias=cfg.o_bias,
+        name="o", bias_init=_zeros(("embed",)),
         kernel_init=nn.with_logical_partitioning(
             _dense_init(std / (2 * cfg.n_layers) ** 0.5), ("heads", "head_dim", "embed")))(out)
     # out's heads are kv-major (n = kv * group + g), matching the qkv layout above.
@@ -161,15 +268,20 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
-    dense = lambda name, feats, axes, std: nn.Dense(
-        feats, dtype=dt, param_dtype=jnp.float32, use_bias=False, name=name,
-        kernel_init=nn.with_logical_partitioning(_dense_init(std), axes))
     std = cfg.d_model ** -0.5
-    # Gate and up projections fused into one matmul [d, 2, d_ff].
-    wi = nn.DenseGeneral((2, cfg.d_ff), dtype=dt, param_dtype=jnp.float32, use_bias=False, name="wi",
+    # Gate and up projections fused into one matmul [d, 2, d_ff] (SwiGLU, Shazeer 2020);
+    # a plain MLP (GPT-2) has the up projection only, [d, 1, d_ff].
+    n_in = 2 if cfg.mlp == "gated" else 1
+    wi = nn.DenseGeneral((n_in, cfg.d_ff), dtype=dt, param_dtype=jnp.float32, use_bias=cfg.mlp_bias,
+                         name="wi", bias_init=_zeros((None, "mlp")),
                          kernel_init=nn.with_logical_partitioning(_dense_init(std), ("embed", None, "mlp")))(x)
-    return dense("down", cfg.d_model, ("mlp", "embed"), cfg.d_ff ** -0.5 / (2 * cfg.n_layers) ** 0.5)(
-        nn.silu(wi[..., 0, :]) * wi[..., 1, :])
+    act = ACTS[cfg.act]
+    h = act(wi[..., 0, :]) * wi[..., 1, :] if n_in == 2 else act(wi[..., 0, :])
+    return nn.Dense(
+        cfg.d_model, dtype=dt, param_dtype=jnp.float32, use_bias=cfg.mlp_bias, name="down",
+        bias_init=_zeros(("embed",)),
+        kernel_init=nn.with_logical_partitioning(
+            _dense_init(cfg.d_ff ** -0.5 / (2 * cfg.n_layers) ** 0.5), ("mlp", "embed")))(h)
 
 
 class Block(nn.Module):
@@ -178,11 +290,15 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, attn_mask, cache, cache_index, deterministic):
-    cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
+    cfg = self.cfg
     h, new_cache = Attention(cfg, self.constrain, name="attn")(
-        RMSNorm(cfg.norm_eps, dt, name="attn_norm")(x), positions, attn_mask, cache, cache_index)
+        _norm(cfg, "attn_norm")(x), positions, attn_mask, cache, cache_index)
+    if cfg.sandwich_norm:  # Gemma 2 normalises each sublayer's output too
+      h = _norm(cfg, "post_attn_norm")(h)
     x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
-    h = MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(x))
+    h = MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x))
+    if cfg.sandwich_norm:
+      h = _norm(cfg, "post_mlp_norm")(h)
     x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
     return self.constrain(x, ("batch", "length", "act_embed")), new_cache
 
@@ -226,7 +342,16 @@ class Transformer(nn.Module):
     embed = self.param("embed", nn.with_logical_partitioning(
         nn.initializers.normal(cfg.d_model ** -0.5), ("vocab", "embed")),
         (cfg.vocab_size, cfg.d_model), jnp.float32)
-    x = jnp.take(embed, tokens, axis=0).astype(dt)
+    # mode="clip": a PAD id outside the table (pad_id = vocab size for tokenizers without
+    # a PAD token) embeds as the last row instead of jnp.take's default NaN fill; padded
+    # positions are masked everywhere, but NaN * 0 would still poison the sums.
+    x = jnp.take(embed, tokens, axis=0, mode="clip").astype(dt)
+    if cfg.embed_scale:  # Gemma: times sqrt(d), rounded to the compute dtype as in transformers
+      x = x * jnp.asarray(cfg.d_model ** 0.5, dt)
+    if cfg.positions == "learned":  # GPT-2's absolute position table
+      pos = self.param("pos_embed", nn.with_logical_partitioning(
+          nn.initializers.normal(0.01), (None, "embed")), (cfg.max_len, cfg.d_model), jnp.float32)
+      x = x + jnp.take(pos, positions, axis=0, mode="clip").astype(dt)
     x = self.constrain(x, ("batch", "length", "act_embed"))
     block = Block
     if cfg.remat != "none":
@@ -239,7 +364,7 @@ class Transformer(nn.Module):
       x, c = block(cfg, self.constrain, name=f"layer_{i}")(
           x, positions, attn_mask, layer_cache, cache_index, deterministic)
       new_cache.append(c)
-    x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
+    x = _norm(cfg, "final_norm")(x)
     out = {"hidden": x, "cache": new_cache if cache is not None else None}
     if logits or self.is_initializing():
       if cfg.tie_embeddings:
@@ -249,6 +374,8 @@ class Transformer(nn.Module):
             cfg.vocab_size, dtype=dt, param_dtype=jnp.float32, use_bias=False, name="lm_head",
             kernel_init=nn.with_logical_partitioning(_dense_init(cfg.d_model ** -0.5),
                                                      ("embed", "vocab")))(x)
+      if cfg.final_softcap:  # Gemma 2
+        out["logits"] = cfg.final_softcap * jnp.tanh(out["logits"] / cfg.final_softcap)
       out["logits"] = self.constrain(out["logits"], ("batch", "length", "act_vocab"))
     if scalar or self.is_initializing():
       # Reward/value head; std 1/sqrt(d_model + 1) (Stiennon et al. 2020, lm-human-preferences).
