@@ -106,6 +106,17 @@ def series(rows: list[dict], key: str, eval_rows: bool | None = None):
   return np.asarray(xs), np.asarray(ys)
 
 
+def has_gold(summary: dict) -> bool:
+  """Gold figures exist (a gold scorer ran). Without one they are absent, and so are the
+  report's gold rows and columns (not dashes, not 0)."""
+  return math.isfinite(num(summary.get("gold_reward"))) or math.isfinite(num(summary.get("sft_gold_reward")))
+
+
+def present_keys(keys: list[str], rows: list[dict]) -> list[str]:
+  """The keys some row has a finite value for (gold columns vanish without a gold scorer)."""
+  return [k for k in keys if any(math.isfinite(num(r.get(k))) for r in rows)]
+
+
 def table(header: list[str], rows: list[list]) -> list[str]:
   out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -128,11 +139,12 @@ def gao_fit(form: str, d, r) -> dict | None:
   """Fit R(d) (relative reward, r = reward - reward at d = 0) with Gao et al.'s form.
 
   form "bon": R = d (a - b d), peak at d* = a / 2b; "rl": R = d (a - b log d),
-  peak at d* = exp(a / b - 1). Returns None with fewer than 3 finite points or
-  no spread in d (two parameters need more than two points to mean anything).
+  peak at d* = exp(a / b - 1). Returns None with fewer than 3 finite points away
+  from d = 0: both forms pass through (0, 0) whatever a and b are, so the d = 0
+  anchor carries no information, and two parameters fit two points exactly.
   """
   d, r = finite_xy(d, r)
-  if len(d) < 3 or np.ptp(d) <= 1e-9:
+  if np.sum(d > 1e-9) < 3:
     return None
   a, b = (bok_math.fit_bon if form == "bon" else bok_math.fit_rl)(d, r)
   if not (math.isfinite(a) and math.isfinite(b)):
@@ -142,6 +154,14 @@ def gao_fit(form: str, d, r) -> dict | None:
     peak = a / (2 * b) if form == "bon" else math.exp(min(a / b - 1, 50.0))
     peak = peak if 0 < peak <= 10 * d.max() else float("nan")
   return {"form": form, "a": a, "b": b, "d_peak": peak, "d_max": float(d.max()), "n": int(len(d))}
+
+
+def fit_kind(method: str, quantity: str, form: str) -> str:
+  """Gao et al. (2022) derived R_bon for best-of-n and R_rl for RL, both for the gold reward.
+  The same forms fitted to a proxy curve or to best-of-K fine-tuning rounds describe
+  the shape of the points; they are not the scaling law."""
+  gao = quantity == "gold" and (method, form) in (("best_of_n", "bon"), ("ppo", "rl"))
+  return "Gao et al." if gao else "descriptive"
 
 
 def gao_curve(fit: dict, d) -> np.ndarray:
@@ -252,11 +272,14 @@ def plot_frontier(methods: dict, out_dir: str, name: str = "frontier.png",
   methods[key]: d, gold, proxy, gold0, proxy0, label, form, and optionally
   gold_std / proxy_std (spread over seeds, drawn as error bars) and color.
   """
-  fig, axes = new_figure(ncols=2)
+  # No gold scorer (data.source=files): the proxy panel alone.
+  quantities = [q for q in ("gold", "proxy")
+                if any(len(finite_xy(m["d"], m[q])[0]) for m in methods.values())] or ["proxy"]
+  fig, axes = new_figure(ncols=len(quantities))
   fits = []
   for i, (key, m) in enumerate(methods.items()):
     c = m.get("color") or COLORS.get(key) or f"C{i % 10}"
-    for ax, q in zip(axes[0], ("gold", "proxy")):
+    for ax, q in zip(axes[0], quantities):
       d, y = finite_xy(m["d"], m[q])
       if not len(d):
         continue
@@ -274,11 +297,13 @@ def plot_frontier(methods: dict, out_dir: str, name: str = "frontier.png",
       fit = gao_fit(m["form"], m.get("fit_d", m["d"]), np.asarray(m.get("fit_" + q, m[q])) - base)
       if fit is None:
         continue
-      fits.append({"method": key, "quantity": q, **fit})
+      kind = fit_kind(key, q, fit["form"])
+      fits.append({"method": key, "quantity": q, "kind": kind, **fit})
       grid = np.linspace(0, max(float(d.max()), 1e-6) * 1.05, 100)
-      ax.plot(grid, base + gao_curve(fit, grid), "--", color=c, lw=1,
-              label=f"fit R_{fit['form']}: a={fit['a']:.2f}, b={fit['b']:.2f}")
-  for ax, q in zip(axes[0], ("gold", "proxy")):
+      ax.plot(grid, base + gao_curve(fit, grid), "--" if kind == "Gao et al." else ":", color=c,
+              lw=1, label=f"fit R_{fit['form']}" + ("" if kind == "Gao et al." else f" ({kind})")
+              + f": a={fit['a']:.2f}, b={fit['b']:.2f}")
+  for ax, q in zip(axes[0], quantities):
     ax.set_xlabel("d = sqrt(KL(policy || SFT))  [sqrt nats]")
     ax.set_ylabel(f"{q} reward")
     ax.set_title(f"{q.capitalize()} reward vs distance from SFT", fontsize=10)
@@ -378,13 +403,41 @@ def plot_bok_rounds(bk: dict, out_dir: str) -> str | None:
 
 
 # ------------------------------------------------------------------ sections
-def _config(workdir: str) -> dict:
+def _config(workdir: str, name: str = "config.json") -> dict:
+  """DIR/config.json: the latest run's config (config_first.json: the first run's)."""
   try:
-    with open(os.path.join(workdir, "config.json")) as f:
+    with open(os.path.join(workdir, name)) as f:
       cfg = json.load(f)
     return cfg if isinstance(cfg, dict) else {}
   except (OSError, ValueError):
     return {}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+  return out
+
+
+def _config_section(workdir: str, present: list[str]) -> list[str]:
+  """The stages that ran, the latest run's config, and what changed since the first run."""
+  cfg = _config(workdir)
+  if not cfg:
+    return ["(no config.json in the workdir)", ""]
+  m, data = cfg.get("model") or {}, cfg.get("data") or {}
+  md = [f"Stages run in this workdir: {', '.join(f'`{s}`' for s in present) or 'none'}. "
+        f"Latest run: stages `{cfg.get('stages')}`, seed {cfg.get('seed')}, model "
+        f"d_model={m.get('d_model')} x {m.get('n_layers')} layers, data source `{data.get('source')}`"
+        + (f", data.skip_bad={data.get('skip_bad')}" if data.get("skip_bad") else "") + ".", ""]
+  first = _config(workdir, "config_first.json")
+  if first:
+    a, b = _flat(first), _flat(cfg)
+    diff = [f"`{k}` {a.get(k)} → {b.get(k)}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in ("stages", "compile_cache")]
+    md += [("Changed since the first run: " + ", ".join(diff) + ".") if diff
+           else "Same config as the first run (apart from the stages listed).", ""]
+  return md
 
 
 def _before_after(s: dict, key: str) -> str:
@@ -409,20 +462,21 @@ def _headline(workdir: str, missing: list) -> list[str]:
            f"sample gold {fmt(s.get('sample_gold_mean'))} ± {fmt(s.get('sample_gold_std'))}.", ""]
   s = load_summary(workdir, "reward")
   if s is not None:
+    gold = (f"gold accuracy {fmt(s.get('gold_accuracy'))} (agrees with the gold scorer; "
+            f"clear pairs {fmt(s.get('gold_accuracy_clear'))}); " if "gold_accuracy" in s else "")
     md += [f"**reward**: held-out ranking accuracy {fmt(s.get('accuracy'))} (agrees with the labels), "
-           f"gold accuracy {fmt(s.get('gold_accuracy'))} (agrees with the gold scorer; "
-           f"clear pairs {fmt(s.get('gold_accuracy_clear'))}); eval loss {_before_after(s, 'loss')}; "
+           f"{gold}eval loss {_before_after(s, 'loss')}; "
            f"normalisation gain {fmt(s.get('reward_gain'))}, bias {fmt(s.get('reward_bias'))} "
            "(SFT samples score mean 0, std 1).", ""]
   s = load_summary(workdir, "ppo")
   if s is not None:
     md += ["**ppo** (held-out prompts, vs the SFT policy):", ""]
-    md += table(["", "SFT", "PPO"], [
-        ["gold reward", fmt(s.get("sft_gold_reward")), fmt(s.get("gold_reward"))],
-        ["proxy reward (RM)", fmt(s.get("sft_proxy_reward")), fmt(s.get("proxy_reward"))],
-        ["KL from SFT [nats]", "0", fmt(s.get("kl"))],
-        ["win rate vs SFT (gold)", "0.5", fmt(s.get("win_rate_vs_sft"))],
-        ["response length", "—", fmt(s.get("response_length"))]])
+    rows = [["gold reward", fmt(s.get("sft_gold_reward")), fmt(s.get("gold_reward"))],
+            ["proxy reward (RM)", fmt(s.get("sft_proxy_reward")), fmt(s.get("proxy_reward"))],
+            ["KL from SFT [nats]", "0", fmt(s.get("kl"))],
+            ["win rate vs SFT (gold)", "0.5", fmt(s.get("win_rate_vs_sft"))],
+            ["response length", "—", fmt(s.get("response_length"))]]
+    md += table(["", "SFT", "PPO"], [r for r in rows if "gold" not in r[0] or has_gold(s)])
     kl_cfg = _config(workdir).get("ppo") or {}
     if kl_cfg:
       md += [f"KL control `{kl_cfg.get('kl_mode')}`, coefficient {fmt(kl_cfg.get('kl_coef'))}"
@@ -433,24 +487,25 @@ def _headline(workdir: str, missing: list) -> list[str]:
            f"{fmt(num(s.get('tokens_sampled_per_iteration')) * num(s.get('iterations')))} tokens sampled.", ""]
   s = load_summary(workdir, "best_of_k")
   if s is not None:
-    md += [f"**best_of_k**: SFT gold {fmt(s.get('sft_gold_reward'))} → gold {fmt(s.get('gold_reward'))}, "
-           f"proxy {fmt(s.get('proxy_reward'))}, KL {fmt(s.get('kl'))}.", ""]
+    gold = (f"SFT gold {fmt(s.get('sft_gold_reward'))} → gold {fmt(s.get('gold_reward'))}, "
+            if has_gold(s) else "")
+    md += [f"**best_of_k**: {gold}proxy {fmt(s.get('proxy_reward'))}, KL {fmt(s.get('kl'))}.", ""]
     rounds = [r for r in s.get("rounds") or [] if isinstance(r, dict)]
     if rounds:
-      keys = ["round", "gold_reward", "proxy_reward", "kl", "win_rate_vs_sft", "kept",
-              "tokens_sampled", "tokens_trained", "flops"]
+      keys = present_keys(["round", "gold_reward", "proxy_reward", "kl", "win_rate_vs_sft", "kept",
+                           "tokens_sampled", "tokens_trained", "flops"], rounds)
       md += table(keys, [[fmt(r.get(k)) for k in keys] for r in rounds])
     curve = [c for c in s.get("bon_curve") or [] if isinstance(c, dict)]
     if curve:
       md += ["Best-of-n on held-out prompts (unbiased estimate from one pool per prompt):", ""]
-      keys = ["n", "kl_bound", "sqrt_kl", "gold", "proxy"]
+      keys = present_keys(["n", "kl_bound", "sqrt_kl", "gold", "proxy"], curve)
       md += table(keys, [[fmt(c.get(k)) for k in keys] for c in curve])
   s = load_summary(workdir, "evaluate")
   if s is not None:
     pols = [p for p in s.get("policies") or [] if isinstance(p, dict)]
     if pols:
       md += ["**evaluate** (same held-out prompts for every policy):", ""]
-      keys = ["gold_reward", "proxy_reward", "kl", "win_rate_vs_sft"]
+      keys = present_keys(["gold_reward", "proxy_reward", "kl", "win_rate_vs_sft"], pols)
       md += table(["policy"] + keys, [[p.get("name", "?")] + [fmt(p.get(k)) for k in keys] for p in pols])
     else:
       md += ["**evaluate**: summary has no `policies` list.", ""]
@@ -471,12 +526,15 @@ def _frontier_section(workdir: str, out_dir: str) -> list[str]:
          "Dashed: Gao et al. (2022) fits, R_bon(d) = d (a - b d) for best-of-n and "
          "R_rl(d) = d (a - b log d) for PPO and best-of-K fine-tuning, fitted to the reward "
          "*relative to the SFT policy* (gold - gold at d = 0, likewise proxy) and drawn shifted "
-         "back by that value. Fits need 3+ points. Peak d*: where the fit is highest (a / 2b for "
+         "back by that value. Fits need 3+ points besides d = 0 (every form passes through it). "
+         "Gao et al. derived these forms for the gold reward of best-of-n and of RL; fits to proxy "
+         "curves and to best-of-K rounds are labelled *descriptive* (dotted): a summary of the "
+         "points' shape, not the scaling law. Peak d*: where the fit is highest (a / 2b for "
          "R_bon, exp(a/b - 1) for R_rl); — when the fit has no peak within 10x the largest d seen.", ""]
   if fits:
-    md += table(["method", "quantity", "form", "a", "b", "peak d*", "max d seen", "points"],
-                [[f["method"], f["quantity"], f["form"], fmt(f["a"]), fmt(f["b"]), fmt(f["d_peak"]),
-                  fmt(f["d_max"]), f["n"]] for f in fits])
+    md += table(["method", "quantity", "form", "kind", "a", "b", "peak d*", "max d seen", "points"],
+                [[f["method"], f["quantity"], f["form"], f["kind"], fmt(f["a"]), fmt(f["b"]),
+                  fmt(f["d_peak"]), fmt(f["d_max"]), f["n"]] for f in fits])
   for key, m in methods.items():
     det = detect_overoptimisation(m["gold"], m["proxy"])
     if det["overoptimised"]:
@@ -493,13 +551,7 @@ def build_report(workdir: str, out_dir: str | None = None) -> str:
   present = [s for s in STAGES if load_summary(workdir, s) is not None]
   missing = [s for s in STAGES if s not in present]
   md = [f"# RLHF run report: `{os.path.basename(workdir)}`", ""]
-  cfg = _config(workdir)
-  if cfg:
-    m = cfg.get("model") or {}
-    md += [f"Config: stages `{cfg.get('stages')}`, seed {cfg.get('seed')}, model d_model={m.get('d_model')} "
-           f"x {m.get('n_layers')} layers, data source `{(cfg.get('data') or {}).get('source')}`.", ""]
-  else:
-    md += ["(no config.json in the workdir)", ""]
+  md += _config_section(workdir, present)
   walls = [f"{s} {fmt(load_summary(workdir, s).get('wall_seconds'), 1)}s" for s in present]
   md += ["Finished stages: " + (", ".join(walls) if walls else "none") + ".", ""]
   md += _headline(workdir, missing)

@@ -84,7 +84,7 @@ def test_fill_batch_and_bon_curve_points():
   assert curve[0]["kl_bound"] == 0.0 and curve[0]["proxy"] == pytest.approx(proxy.mean())
   assert all(b["proxy"] > a["proxy"] for a, b in zip(curve, curve[1:]))
   assert curve[2]["sqrt_kl"] == pytest.approx(math.sqrt(math.log(4) - 0.75))
-  assert stage.bon_curve(proxy, None, proxy, 8)[1]["gold"] is None
+  assert "gold" not in stage.bon_curve(proxy, None, proxy, 8)[1]  # absent without a gold scorer
 
 
 def test_evaluate_frontier_with_only_ppo():
@@ -95,7 +95,10 @@ def test_evaluate_frontier_with_only_ppo():
   pts = evaluate.frontier(ppo, None)
   assert list(pts) == ["ppo"]
   assert [p["d"] for p in pts["ppo"]] == [0.0, 0.0, 2.0]  # a negative KL estimate counts as 0
-  assert set(evaluate.fits(pts)) == {"ppo"}
+  assert evaluate.fits(pts) == {}  # one point besides d = 0: no fit (issue 19 item 10)
+  ppo["eval_points"] += [{"iteration": i, "gold_reward": 1.8, "proxy_reward": 2.5, "kl": kl}
+                         for i, kl in ((15, 6.0), (20, 9.0))]
+  assert set(evaluate.fits(evaluate.frontier(ppo, None))) == {"ppo"}  # three besides d = 0
 
 
 # ----------------------------------------- one round raises a toy reward

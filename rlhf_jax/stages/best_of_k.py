@@ -154,8 +154,8 @@ def bon_curve(proxy, gold, select, pool: int) -> list[dict]:
     kl = float(bok.bon_kl(n))
     row = {"n": n, "kl_bound": kl, "sqrt_kl": math.sqrt(kl),
            "proxy": float(np.mean([bok.bon_expected(s, p, n) for s, p in zip(select, proxy)]))}
-    row["gold"] = (None if gold is None else
-                   float(np.mean([bok.bon_expected(s, g, n) for s, g in zip(select, gold)])))
+    if gold is not None:  # absent without a gold scorer
+      row["gold"] = float(np.mean([bok.bon_expected(s, g, n) for s, g in zip(select, gold)]))
     points.append(row)
     n *= 2
   return points
@@ -238,18 +238,20 @@ def _run_round(ctx, r: int, model, gen, reward, prev_params, evaluator, sft_eval
   compute = _round_compute(ctx, len(rows) * bc.k, width)
   total = {k: spent[k] + v for k, v in compute.items()}
   ev = evaluator.evaluate(state["params"])
-  summary = {"round": r, "gold_reward": ev["gold_reward"], "proxy_reward": ev["proxy_reward"],
-             "kl": ev["kl"], "win_rate_vs_sft": ev["win_rate_vs_sft"],
+  # Gold figures only where there is a gold scorer (absent, not 0, for data.source=files).
+  summary = {"round": r, **{k: ev[k] for k in ("gold_reward", "win_rate_vs_sft") if k in ev},
+             "proxy_reward": ev["proxy_reward"], "kl": ev["kl"],
              "response_length": ev["response_length"], "no_eos_frac": ev["no_eos_frac"],
              "kept": int(kept.sum()), "kept_no_eos": stats["no_eos"],
              "pool_proxy": float(np.mean(s["proxy"])),
              "kept_proxy": float(np.mean(s["proxy"][flat])),
-             "kept_gold": None if gold is None else float(np.mean(gold)),
+             **({} if gold is None else {"kept_gold": float(np.mean(gold))}),
              **total, **{f"round_{k}": v for k, v in compute.items()},
              "train": train_summary}
   pipeline.write_json(os.path.join(ctx.stage_dir(f"best_of_k/round_{r}"), "summary.json"), summary)
-  print(f"[best_of_k] round {r}: gold={ev['gold_reward']:.4g} proxy={ev['proxy_reward']:.4g} "
-        f"kl={ev['kl']:.4g} kept={int(kept.sum())}", flush=True)
+  print(f"[best_of_k] round {r}: "
+        + (f"gold={ev['gold_reward']:.4g} " if "gold_reward" in ev else "")
+        + f"proxy={ev['proxy_reward']:.4g} kl={ev['kl']:.4g} kept={int(kept.sum())}", flush=True)
   return summary, state["params"]
 
 
@@ -284,15 +286,17 @@ def run(ctx) -> dict:
     spent = {k: summary[k] for k in spent}
     rounds.append({k: summary[k] for k in ("round", "gold_reward", "proxy_reward", "kl",
                                            "win_rate_vs_sft", "kept", "tokens_sampled",
-                                           "tokens_trained", "flops")})
+                                           "tokens_trained", "flops") if k in summary})
 
   final = rounds[-1] if rounds else {**sft_eval, "kl": 0.0}
   top = curve[-1]
+  gold = {} if top.get("gold") is None else {
+      "sft_gold_reward": sft_eval["gold_reward"], "gold_reward": final["gold_reward"],
+      "win_rate_vs_sft": final["win_rate_vs_sft"], "bon_gold_max_n": top["gold"]}
   return {
-      "sft_gold_reward": sft_eval["gold_reward"], "sft_proxy_reward": sft_eval["proxy_reward"],
-      "gold_reward": final["gold_reward"], "proxy_reward": final["proxy_reward"], "kl": final["kl"],
-      "win_rate_vs_sft": final["win_rate_vs_sft"],
-      "bon_curve": curve, "bon_max_n": top["n"], "bon_gold_max_n": top["gold"],
+      **gold, "sft_proxy_reward": sft_eval["proxy_reward"],
+      "proxy_reward": final["proxy_reward"], "kl": final["kl"],
+      "bon_curve": curve, "bon_max_n": top["n"],
       "bon_proxy_max_n": top["proxy"], "bon_kl_bound_max_n": top["kl_bound"],
       "rounds": rounds, "final_checkpoint": f"best_of_k/round_{bc.rounds}" if rounds else "sft",
       **{f"total_{k}": v for k, v in spent.items()},

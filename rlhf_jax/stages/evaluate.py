@@ -26,35 +26,39 @@ def _d(kl) -> float:
 
 
 def _point(label: str, value, gold, proxy, kl, **extra) -> dict:
-  return {label: value, "gold_reward": gold, "proxy_reward": proxy, "kl": kl, "d": _d(kl), **extra}
+  """One frontier point; gold_reward is absent without a gold scorer."""
+  return {label: value, **({} if gold is None else {"gold_reward": gold}), "proxy_reward": proxy,
+          "kl": kl, "d": _d(kl), **extra}
 
 
 def frontier(ppo: dict | None, bok_summary: dict | None) -> dict:
   """Per-arm lists of points from the arms' summaries (None = the arm did not run)."""
   out = {}
   if ppo is not None:
-    out["ppo"] = [_point("iteration", p["iteration"], p["gold_reward"], p["proxy_reward"], p["kl"],
+    out["ppo"] = [_point("iteration", p["iteration"], p.get("gold_reward"), p["proxy_reward"], p["kl"],
                          flops=p.get("flops"), tokens_sampled=p.get("tokens_sampled"))
                   for p in ppo.get("eval_points", [])]
   if bok_summary is not None:
-    out["best_of_n"] = [_point("n", p["n"], p["gold"], p["proxy"], p["kl_bound"], kl_is_bound=True)
+    out["best_of_n"] = [_point("n", p["n"], p.get("gold"), p["proxy"], p["kl_bound"], kl_is_bound=True)
                         for p in bok_summary["bon_curve"]]
-    start = _point("round", 0, bok_summary["sft_gold_reward"], bok_summary["sft_proxy_reward"], 0.0,
+    start = _point("round", 0, bok_summary.get("sft_gold_reward"), bok_summary["sft_proxy_reward"], 0.0,
                    flops=0.0, tokens_sampled=0, tokens_trained=0)
     out["best_of_k"] = [start] + [
-        _point("round", r["round"], r["gold_reward"], r["proxy_reward"], r["kl"],
+        _point("round", r["round"], r.get("gold_reward"), r["proxy_reward"], r["kl"],
                flops=r["flops"], tokens_sampled=r["tokens_sampled"],
                tokens_trained=r["tokens_trained"]) for r in bok_summary["rounds"]]
   return out
 
 
 def fits(points: dict) -> dict:
-  """Gao et al. 2022 functional forms fitted to gold gain vs d (where there are enough points)."""
+  """Gao et al. 2022 functional forms fitted to gold gain vs d: R_bon to best-of-n, R_rl to
+  PPO, where they were derived. Needs 3 points besides the d = 0 anchor (each form passes
+  through it, so it constrains nothing; two parameters fit two points exactly)."""
   out = {}
   for arm, fit in (("best_of_n", bok.fit_bon), ("ppo", bok.fit_rl)):
-    pts = [p for p in points.get(arm, []) if p["gold_reward"] is not None
+    pts = [p for p in points.get(arm, []) if p.get("gold_reward") is not None
            and math.isfinite(p["gold_reward"])]
-    if len(pts) < 3:
+    if sum(p["d"] > 1e-9 for p in pts) < 3:
       continue
     base = pts[0]["gold_reward"]  # n = 1 / iteration 0: the SFT policy, d = 0
     a, b = fit([p["d"] for p in pts], [p["gold_reward"] - base for p in pts])
@@ -81,14 +85,17 @@ def run(ctx) -> dict:
   for name, stage in checkpoints:
     params = sft_params if stage == "sft" else common.load_params(ctx, stage, model)[0]
     ev = evaluator.evaluate(params)
-    policies.append({"name": name, "checkpoint": stage, **{k: ev[k] for k in _FIGURES},
+    figures = {k: ev[k] for k in _FIGURES if k in ev}  # no gold figures without a gold scorer
+    policies.append({"name": name, "checkpoint": stage, **figures,
                      "response_length": ev["response_length"], "no_eos_frac": ev["no_eos_frac"]})
-    print(f"[evaluate] {name}: " + ", ".join(f"{k}={ev[k]:.4g}" for k in _FIGURES), flush=True)
+    print(f"[evaluate] {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in figures.items()), flush=True)
 
   points = frontier(ppo, bok_summary)
   summary = {"policies": policies, "frontier": points, "fits": fits(points),
              "arms": [p["name"] for p in policies]}
   for p in policies:  # flat figures for the pipeline's one-line report
-    summary[f"{p['name']}_gold_reward"] = p["gold_reward"]
+    if "gold_reward" in p:
+      summary[f"{p['name']}_gold_reward"] = p["gold_reward"]
+    summary[f"{p['name']}_proxy_reward"] = p["proxy_reward"]
     summary[f"{p['name']}_kl"] = p["kl"]
   return summary

@@ -132,13 +132,17 @@ class PolicyEvaluator:
     return self._sft_gold
 
   def evaluate(self, params) -> dict:
+    """Held-out figures. Without a gold scorer (data.source=files) gold_reward and
+    win_rate_vs_sft are absent, not 0: there is nothing to compare."""
     s = self.samples(params)
-    base = self.sft_gold()
-    win = np.mean((s["gold"] > base) + 0.5 * (s["gold"] == base))
-    return {"gold_reward": float(np.mean(s["gold"])), "proxy_reward": float(np.mean(s["proxy"])),
-            "kl": float(np.mean(s["kl"])), "win_rate_vs_sft": float(win),
-            "response_length": float(np.mean(s["length"])),
-            "no_eos_frac": float(1.0 - np.mean(s["ended"]))}
+    out = {"proxy_reward": float(np.mean(s["proxy"])), "kl": float(np.mean(s["kl"])),
+           "response_length": float(np.mean(s["length"])),
+           "no_eos_frac": float(1.0 - np.mean(s["ended"]))}
+    if self.ctx.sources.has_gold:
+      base = self.sft_gold()
+      win = np.mean((s["gold"] > base) + 0.5 * (s["gold"] == base))
+      out = {"gold_reward": float(np.mean(s["gold"])), **out, "win_rate_vs_sft": float(win)}
+    return out
 
 
 def _stop_if_preempted():

@@ -1,7 +1,10 @@
 """Stage: PPO against the reward model (InstructGPT step 3).
 
 Policy and reference from SFT; critic from the reward model (InstructGPT;
-Stiennon et al. 2020) unless `ppo.critic=shared`. Each loop step is one PPO
+Stiennon et al. 2020), trained by its own AdamW with step size `ppo.critic_lr`
+(`ppo.vf_coef` has no effect on it). `ppo.critic=shared`: a value head on the
+policy's backbone, zero-initialised so every initial value is 0 (lm-human-
+preferences initialises its value head to zeros), its loss weighted by vf_coef. Each loop step is one PPO
 iteration (`ppo_step.make_iteration`); every `eval_every` iterations the
 policy is evaluated on the held-out prompts (gold, proxy, KL from SFT, win
 rate), the points that feed the PPO-vs-best-of-K frontier.
@@ -69,15 +72,19 @@ def run(ctx) -> dict:
   init_state, abstract = st.jit_init(fresh_state, abstract_p, abstract_p)
   ckpt = common.checkpointer(ctx, "ppo")
   meta = {**common.model_meta(ctx), **common.run_meta(ctx, pc)}
+  if pc.critic != "shared" and pc.vf_coef != 1.0:
+    print(f"[ppo] ppo.vf_coef={pc.vf_coef} has no effect with ppo.critic=separate: the critic "
+          f"has its own optimizer, step size ppo.critic_lr={pc.critic_lr}", flush=True)
   if ckpt.latest_step() is not None:
     state, _ = common.resume(ckpt, abstract, "ppo", meta)
     print(f"[ppo] resuming from iteration {int(state['step'])}", flush=True)
   else:
-    # Fresh copies: the state is donated each iteration, the frozen models are not.
-    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p))
     # The critic starts from the reward model (InstructGPT), in normalised score units.
     critic_init = reward.normalized_params() if pc.critic != "shared" else sft_params
-    state = init_state(copy(sft_params), critic_init)
+    # A fresh copy (the state is donated each iteration, the frozen reference is not).
+    policy0 = jax.jit(lambda p: initial_policy(p, pc.critic),
+                      out_shardings=st.shardings_of(sft_params))(sft_params)
+    state = init_state(policy0, critic_init)
 
   prompt_batcher = common.host_batcher(ctx, prompts, pc.rollout_batch, "ppo/prompts")
   ptx_batcher = None
@@ -123,10 +130,12 @@ def run(ctx) -> dict:
   sft_eval = evaluator.evaluate(sft_params)
   final = evaluator.evaluate(state["params"])
   points = _eval_points(ctx, sft_eval, compute)
+  # Without a gold scorer the gold figures are absent (PolicyEvaluator leaves them out).
   return {
-      "sft_gold_reward": sft_eval["gold_reward"], "sft_proxy_reward": sft_eval["proxy_reward"],
-      "gold_reward": final["gold_reward"], "proxy_reward": final["proxy_reward"],
-      "kl": final["kl"], "win_rate_vs_sft": final["win_rate_vs_sft"],
+      **_present(sft_gold_reward=sft_eval.get("gold_reward"), gold_reward=final.get("gold_reward"),
+                 win_rate_vs_sft=final.get("win_rate_vs_sft")),
+      "sft_proxy_reward": sft_eval["proxy_reward"], "proxy_reward": final["proxy_reward"],
+      "kl": final["kl"],
       "response_length": final["response_length"], "no_eos_frac": final["no_eos_frac"],
       "kl_coef_final": float(sh.to_host(state["kl_coef"])), "iterations": pc.iterations,
       "skipped_updates": int(sh.to_host(state["skipped"])),
@@ -134,6 +143,15 @@ def run(ctx) -> dict:
       "flops_per_iteration": compute["flops"], "params": param_count(ctx.model_cfg),
       "eval_points": points,
   }
+
+
+def initial_policy(params, critic: str):
+  """The policy PPO starts from: the SFT params, and for critic=shared a zero value head
+  (lm-human-preferences), not the SFT checkpoint's untrained one (values ~N(0, 1))."""
+  if critic != "shared":
+    return params
+  head = jax.tree.map(jnp.zeros_like, params["scalar_head"])
+  return {**params, "scalar_head": head}
 
 
 def optimizers(pc):
@@ -150,17 +168,23 @@ def _with_lr(opt_cfg, lr):
   return o
 
 
+def _present(**figures) -> dict:
+  """The figures that exist (gold ones are None without a gold scorer)."""
+  return {k: v for k, v in figures.items() if v is not None}
+
+
 def _eval_points(ctx, sft_eval, compute) -> list[dict]:
   """Held-out evaluations from metrics.jsonl (all of them, also from before a resume)."""
-  pts = [{"iteration": 0, "gold_reward": sft_eval["gold_reward"],
+  pts = [{"iteration": 0, **_present(gold_reward=sft_eval.get("gold_reward")),
           "proxy_reward": sft_eval["proxy_reward"], "kl": 0.0, "flops": 0.0, "tokens_sampled": 0}]
   with open(os.path.join(ctx.stage_dir("ppo"), "metrics.jsonl")) as f:
     for line in f:
       row = json.loads(line)
-      if "eval_gold_reward" in row:
-        pts.append({"iteration": row["step"], "gold_reward": row["eval_gold_reward"],
+      if "eval_proxy_reward" in row:
+        pts.append({"iteration": row["step"],
+                    **_present(gold_reward=row.get("eval_gold_reward"),
+                               win_rate_vs_sft=row.get("eval_win_rate_vs_sft")),
                     "proxy_reward": row["eval_proxy_reward"], "kl": row["eval_kl"],
-                    "win_rate_vs_sft": row["eval_win_rate_vs_sft"],
                     "flops": row["step"] * compute["flops"],
                     "tokens_sampled": row["step"] * compute["tokens_sampled"]})
   return pts

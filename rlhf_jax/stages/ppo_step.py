@@ -10,8 +10,11 @@ details of RLHF with PPO"); each is a field of `config.ppo`:
              EOS was produced; optionally clipped to +-reward_clip
   A, R     = GAE(gamma, lambda) over the response, whitened advantages
   loss     = clipped surrogate - entropy_coef * H + ptx_coef * LM(pretrain)
-  critic   = clipped value loss (separate model initialised from the RM, or a
-             value head on the policy's backbone with vf_coef)
+  critic   = clipped value loss: a separate model initialised from the RM with
+             its own AdamW (step size `critic_lr`; vf_coef does not apply: Adam
+             is invariant to a loss scale), or a zero-initialised value head on
+             the policy's backbone, its loss weighted by vf_coef in the policy's
+             loss (lm-human-preferences)
 """
 from __future__ import annotations
 
@@ -104,7 +107,9 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
     v = critic_model.apply({"params": params}, mb["tokens"], mb["mask"], logits=False,
                            scalar=True)["scalar"][:, prompt_len - 1:-1]
     vl, vm = rl.value_loss(v, mb["values"], mb["returns"], mb["rmask"], pc.value_clip_eps)
-    return pc.vf_coef * vl, {"value_loss": vl, **vm}
+    # No vf_coef: the critic has its own optimizer, where a loss scale would only move
+    # the gradient-clipping threshold (and Adam's eps). Its step size is ppo.critic_lr.
+    return vl, {"value_loss": vl, **vm}
 
   def update(state, ro, batch, rng):
     """Rewards, GAE and epochs x minibatches of updates on one scored rollout."""
