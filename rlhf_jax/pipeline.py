@@ -247,7 +247,7 @@ def apply_hf_model(config) -> None:
     return
   from rlhf_jax import hf
   path = os.path.expanduser(config.model.hf)
-  imported, info = hf.read_config(path)
+  imported, info = hf.read_config(path, max_len=config.model.max_len)
   defaults = config_lib.model()
   for key, value in dataclasses.asdict(imported).items():
     if key in _RUNTIME_FIELDS or key not in config.model:
