@@ -15,6 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from rlhf_jax import hf
+from rlhf_jax.model.transformer import param_count
 from rlhf_jax.sampling import SampleConfig, generate
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf")
@@ -31,6 +32,8 @@ def test_fixture_logits_and_greedy_match_transformers(family):
   path = os.path.join(FIXTURES, family)
   exp = load_file(os.path.join(path, "expected.safetensors"))
   model, params = hf.load(path)
+  # param_count (MFU, reports) agrees with the tree for every family's shapes
+  assert param_count(model.cfg) == sum(x.size for x in jax.tree.leaves(params))
   mask = exp["mask"].astype(bool)
   logits = _our_logits(model, params, exp["tokens"], mask)
   diff = np.abs(logits - exp["logits"])[mask].max()  # padded positions are free
@@ -180,12 +183,12 @@ def test_config_validation_of_family_switches():
 # --- live comparisons (need torch + transformers) ---------------------------------
 
 
-def test_live_transformers_matches_fixtures_and_us(tmp_path):
-  """Rebuild one fixture family with transformers now, to catch a transformers
-  version whose forward pass changed since the fixtures were written."""
+def test_live_transformers_matches_fixtures_and_us():
+  """Load every fixture with transformers now, to catch a transformers version whose
+  forward pass changed since the fixtures were written."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  for family in ("qwen3", "gpt2"):
+  for family in FAMILIES:
     path = os.path.join(FIXTURES, family)
     exp = load_file(os.path.join(path, "expected.safetensors"))
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -196,3 +199,28 @@ def test_live_transformers_matches_fixtures_and_us(tmp_path):
     mask = exp["mask"].astype(bool)
     ours = _our_logits(model, params, exp["tokens"], mask)
     assert np.abs(ours - theirs)[mask].max() <= 1e-4, family
+    assert np.abs(exp["logits"] - theirs)[mask].max() <= 1e-5, f"{family}: fixture is stale"
+
+
+def test_load_onto_a_device_mesh_shards_each_tensor():
+  """On 2 devices with fsdp=2 every tensor goes straight to its shard and the model
+  still computes transformers' logits."""
+  import helpers
+  code = f"""
+import json, numpy as np, jax, jax.numpy as jnp
+from safetensors.numpy import load_file
+from rlhf_jax import hf
+from rlhf_jax.train import sharding as sh
+mesh = sh.mesh_of((1, 2, 1), jax.devices())
+path = {os.path.join(FIXTURES, "qwen2")!r}
+model, params = hf.load(path, mesh=mesh)
+exp = load_file(path + "/expected.safetensors")
+mask = exp["mask"].astype(bool)
+logits = jax.jit(lambda p, t, m: model.apply({{"params": p}}, t, m)["logits"])(params, exp["tokens"], mask)
+k = params["layer_0"]["mlp"]["wi"]["kernel"]
+print(json.dumps({{"diff": float(np.abs(np.asarray(logits) - exp["logits"])[mask].max()),
+                  "shard": list(k.addressable_shards[0].data.shape), "full": list(k.shape)}}))
+"""
+  out = helpers.run_script(code, devices=2)
+  assert out["diff"] <= 1e-4
+  assert out["full"] == [48, 2, 40] and out["shard"] == [24, 2, 40]  # embed split over fsdp
