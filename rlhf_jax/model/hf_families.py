@@ -232,10 +232,15 @@ def to_hf_config(cfg, family: str, kind: str, ids: dict) -> dict:
     out.update(sliding_window=None, use_sliding_window=False)
   if family == "gemma2":
     out.update(hidden_activation=_ACT_NAMES[cfg.act], sliding_window=cfg.max_len,
-               query_pre_attn_scalar=(cfg.attn_scale or cfg.head_dim ** -0.5) ** -2,
+               query_pre_attn_scalar=_int_if_whole((cfg.attn_scale or cfg.head_dim ** -0.5) ** -2),
                attn_logit_softcapping=cfg.attn_softcap or None,
                final_logit_softcapping=cfg.final_softcap or None)
   return out
+
+
+def _int_if_whole(x: float):
+  # transformers 5 type-checks config fields; query_pre_attn_scalar is an int there.
+  return int(round(x)) if abs(x - round(x)) < 1e-6 * max(1.0, abs(x)) else x
 
 
 @dataclasses.dataclass(frozen=True)
