@@ -14,14 +14,13 @@ setup(
         "orbax-checkpoint>=0.11",
         "sentencepiece>=0.2",
         "tensorflow-datasets>=4.9.7",
-        "array-record>=0.5",
-        "grain>=0.2.10",
+        "array-record>=0.5",  # the file format the TFDS builders write
         "ml-collections>=1.0",
         "absl-py>=2.0",
         "numpy>=1.26",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
-        "safetensors>=0.4",
+        "safetensors>=0.4",  # Hugging Face import / export
         "tqdm>=4.66",
     ],
     extras_require={

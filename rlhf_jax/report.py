@@ -543,6 +543,69 @@ def _frontier_section(workdir: str, out_dir: str) -> list[str]:
   return md
 
 
+def load_samples(workdir: str, name: str) -> list[dict]:
+  """Rows of DIR/<name>/samples.jsonl (PolicyEvaluator's log); a torn last line is dropped."""
+  rows = []
+  try:
+    with open(os.path.join(workdir, name, "samples.jsonl")) as f:
+      for line in f:
+        try:
+          rows.append(json.loads(line))
+        except ValueError:
+          break
+  except OSError:
+    pass
+  return [r for r in rows if isinstance(r, dict) and "policy" in r and "prompt_index" in r]
+
+
+def _cell(text, limit: int = 240) -> str:
+  """Sample text inside a Markdown table cell: one line, no table or HTML syntax."""
+  t = str(text).replace("\n", " ⏎ ").replace("|", "\\|").replace("<", "&lt;")
+  return (t[:limit] + " …") if len(t) > limit else (t or "(empty)")
+
+
+def _samples_section(workdir: str, n_prompts: int = 3) -> list[str]:
+  """For a few held-out prompts: the SFT response and each trained policy's latest one."""
+  source = "evaluate"
+  rows = load_samples(workdir, "evaluate")
+  if not rows:  # no evaluate stage: the arms' own logs
+    source = "ppo, best_of_k"
+    rows = load_samples(workdir, "ppo") + load_samples(workdir, "best_of_k")
+  if not rows:
+    return []
+  latest = {}  # policy -> (step, rows of that evaluation)
+  for r in rows:
+    step = num(r.get("iteration", r.get("round", 0)))
+    have = latest.get(r["policy"])
+    if have is None or step > have[0]:
+      latest[r["policy"]] = (step, [r])
+    elif step == have[0]:
+      have[1].append(r)
+  order = sorted(latest, key=lambda p: (p != "sft", p))
+  first = latest[order[0]][1]
+  prompts = sorted({r["prompt_index"] for r in first})[:n_prompts]
+  gold = any("gold" in r for r in rows)
+  md = ["## Samples", "",
+        f"Responses to the first {len(prompts)} held-out prompts, one per policy at the same "
+        f"sampling key (from `{source}`; every evaluation's samples are in "
+        "DIR/<stage>/samples.jsonl). Read them before trusting a curve.", ""]
+  for i in prompts:
+    by = {p: next((r for r in latest[p][1] if r["prompt_index"] == i), None) for p in order}
+    text = next(r["prompt"] for r in by.values() if r is not None)
+    md += [f"**Prompt {i}**: {_cell(text)}", ""]
+    header = ["policy", "response", "proxy"] + (["gold"] if gold else [])
+    lines = []
+    for p, r in by.items():
+      if r is None:
+        continue
+      step = ("" if "iteration" not in r and "round" not in r else
+              f" (iteration {r['iteration']})" if "iteration" in r else f" (round {r['round']})")
+      lines.append([p + step, _cell(r["response"]) + ("" if r.get("ended", True) else " [no EOS]"),
+                    fmt(r.get("proxy"))] + ([fmt(r.get("gold"))] if gold else []))
+    md += table(header, lines)
+  return md
+
+
 def build_report(workdir: str, out_dir: str | None = None) -> str:
   """Writes report.md and its PNGs into out_dir (default: workdir); returns report.md's path."""
   workdir = os.path.abspath(workdir)
@@ -568,6 +631,7 @@ def build_report(workdir: str, out_dir: str | None = None) -> str:
   if png:
     md += [f"![best-of-K rounds]({png})", ""]
   md += _frontier_section(workdir, out_dir)
+  md += _samples_section(workdir)
   path = os.path.join(out_dir, "report.md")
   tmp = path + ".tmp"
   with open(tmp, "w") as f:

@@ -539,3 +539,31 @@ def test_sigterm_in_a_stage_without_train_loop_stops_before_the_next(reference, 
     p = h.run_cli(wd, *OVERRIDES, "--config.stages=label")
     assert p.returncode == 0, p.stderr[-3000:]
   assert_same_stage(reference, wd, "label")
+
+
+@pytest.mark.skipif(not HAS_BEST_OF_K, reason="rlhf_jax/stages/best_of_k.py missing")
+def test_best_of_k_resume_trains_on_the_samples_it_kept(reference, tmp_path):
+  """Issue 19 item 11: a round interrupted during its fine-tuning resumes on the examples it
+  kept (round_R/kept.json), not on a resample, which matches only while sampling repeats bit
+  for bit. Resuming with another best_of_k.sample_batch (other batches, other samples: what
+  other devices or library versions could do) still ends identical to the uninterrupted run."""
+  wd = copy_before(reference, "best_of_k", tmp_path / "wd")
+  rd = os.path.join(wd, "best_of_k", "round_2")
+  proc = h.start_cli(wd, *OVERRIDES, "--config.stages=best_of_k", log_path=str(tmp_path / "bok"))
+  try:
+    assert _wait(lambda: os.path.exists(os.path.join(rd, "kept.json"))
+                 or h.finished_steps(os.path.join(rd, "checkpoints")), proc, LAUNCH_TIMEOUT, 0.01)
+    os.kill(proc.pid, signal.SIGTERM)
+    rc = _finish(proc, 300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert rc == 75, h.read_logs(proc)[1][-3000:]
+  assert not os.path.exists(os.path.join(rd, "summary.json"))
+  p = h.run_cli(wd, *OVERRIDES, "--config.stages=best_of_k", "--config.best_of_k.sample_batch=16",
+                timeout=LAUNCH_TIMEOUT)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "[best_of_k] round 2: reusing the" in p.stdout, p.stdout
+  assert "best_of_k.sample_batch 8 (now 16)" in p.stdout, p.stdout
+  assert_same_stage(reference, wd, "best_of_k")

@@ -11,9 +11,10 @@ Touvron et al. 2023 "Llama 2" sec. 3.2.3): each round samples K responses per
 RL prompt from the current policy, keeps the proxy-best one (`keep` rule),
 and fine-tunes on the kept pairs with the SFT loss. Each round is its own
 sub-stage `best_of_k/round_R/` (checkpoints, metrics.jsonl, summary.json), so
-a finished round is skipped and an interrupted one resumes exactly: its
-samples come from `fold_in(key("best_of_k"), R)` and the previous round's
-final checkpoint, hence are regenerated bit for bit.
+a finished round is skipped and an interrupted one resumes exactly: the
+examples it kept are saved in `round_R/kept.json` before its fine-tuning
+starts and read back on resume, never resampled (sampling need not repeat bit
+for bit after a restart on other devices).
 
 Choices (all visible here):
 - Selection score = normalised RM score, with responses that never emitted EOS
@@ -50,7 +51,8 @@ from rlhf_jax.data.batching import sft_examples
 from rlhf_jax.model.transformer import flops_per_token
 from rlhf_jax.sampling import make_generate
 from rlhf_jax.stages import common
-from rlhf_jax.stages.policy_eval import PolicyEvaluator, RewardModel, sample_config, sample_rows
+from rlhf_jax.stages.policy_eval import (PolicyEvaluator, RewardModel, SampleLog, sample_config,
+                                         sample_rows)
 from rlhf_jax.train import state as st
 
 
@@ -206,7 +208,43 @@ def _round_compute(ctx, n_samples: int, train_width: int) -> dict:
                    + trained * flops_per_token(ctx.model_cfg, train_width)}
 
 
-def _run_round(ctx, r: int, model, gen, reward, prev_params, evaluator, sft_eval_arrays, spent):
+# The fields of config.best_of_k that decide which samples a round keeps.
+_SAMPLING = ("k", "prompts_per_round", "sample_batch", "temperature", "keep", "threshold", "top_frac")
+
+
+def _kept_samples(ctx, r: int, gen, reward, prev_params):
+  """The round's kept examples and their figures: sampled, or read back after an interruption.
+
+  They are saved in round_R/kept.json (atomic) before training starts, so a resumed
+  round trains on exactly what it selected, whether or not sampling would come out
+  bit for bit the same after a restart (another device count, batch layout or
+  library version). A change of the sampling settings since then is announced.
+  """
+  bc = ctx.config.best_of_k
+  path = os.path.join(ctx.stage_dir(f"best_of_k/round_{r}"), "kept.json")
+  sampling = {k: bc[k] for k in _SAMPLING}
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    changed = {k: (v, sampling.get(k)) for k, v in saved["sampling"].items() if sampling.get(k) != v}
+    print(f"[best_of_k] round {r}: reusing the {saved['stats']['kept']} samples it kept before the "
+          f"interruption ({path})" + ("; drawn with " + ", ".join(
+              f"best_of_k.{k} {a} (now {b})" for k, (a, b) in changed.items()) if changed else ""),
+          flush=True)
+    ex = {k: np.asarray(v, dtype=_DTYPES[k]) for k, v in saved["examples"].items()}
+    return ex, saved["stats"]
+  ex, stats = _select(ctx, r, gen, reward, prev_params)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  pipeline.write_json(path, {"round": r, "sampling": sampling, "stats": stats,
+                             "examples": {k: v.tolist() for k, v in ex.items()}})
+  return ex, stats
+
+
+_DTYPES = {"tokens": np.int32, "mask": bool, "loss_mask": np.float32}
+
+
+def _select(ctx, r: int, gen, reward, prev_params):
+  """Sample K per prompt, keep the best (keep rule); returns (examples, figures)."""
   cfg, bc = ctx.config, ctx.config.best_of_k
   texts, prompts = ctx.sources.prompt_set("rl")
   rows = (np.arange(bc.prompts_per_round) + (r - 1) * bc.prompts_per_round) % len(texts)
@@ -224,34 +262,37 @@ def _run_round(ctx, r: int, model, gen, reward, prev_params, evaluator, sft_eval
                              s["response_mask"][flat], s["ended"][flat],
                              bos_id=ctx.sources.tokenizer.bos_id,
                              eos_id=ctx.sources.tokenizer.eos_id, pad_id=ctx.sources.tokenizer.pad_id)
-  width = ex["tokens"].shape[1]
   gold = ctx.sources.gold([texts[i] for i in prompts["index"][rows][kept]],
                           [s["texts"][i] for i in flat], s["ended"][flat])
+  ex = {k: np.asarray(v, dtype=_DTYPES[k]) for k, v in ex.items()}
+  return ex, {"kept": int(kept.sum()), "kept_no_eos": stats["no_eos"], "samples": len(rows) * bc.k,
+              "pool_proxy": float(np.mean(s["proxy"])), "kept_proxy": float(np.mean(s["proxy"][flat])),
+              **({} if gold is None else {"kept_gold": float(np.mean(gold))})}
+
+
+def _run_round(ctx, r: int, model, gen, reward, prev_params, evaluator, sft_eval_arrays, spent):
+  bc = ctx.config.best_of_k
+  ex, stats = _kept_samples(ctx, r, gen, reward, prev_params)
+  width = ex["tokens"].shape[1]
   loss, _ = common.lm_losses(model)
   copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p))  # the train state is donated; prev is not ours
   train_summary, state = common.train_supervised(
       ctx, f"best_of_k/round_{r}", bc.train, model=model, loss_fn=loss, eval_loss=loss,
       train_arrays=fill_batch(ex, bc.train.batch_size), eval_arrays=sft_eval_arrays,
-      init_params=lambda: copy(prev_params), tokens_per_example=width,
-      extra_meta={"best_of_k": {k: v for k, v in bc.to_dict().items()
-                                if k not in ("train", "rounds", "eval_pool")}})  # shape the round
-  compute = _round_compute(ctx, len(rows) * bc.k, width)
+      init_params=lambda: copy(prev_params), tokens_per_example=width)
+  compute = _round_compute(ctx, stats["samples"], width)
   total = {k: spent[k] + v for k, v in compute.items()}
-  ev = evaluator.evaluate(state["params"])
+  ev = evaluator.evaluate(state["params"], {"policy": "best_of_k", "round": r})
   # Gold figures only where there is a gold scorer (absent, not 0, for data.source=files).
   summary = {"round": r, **{k: ev[k] for k in ("gold_reward", "win_rate_vs_sft") if k in ev},
              "proxy_reward": ev["proxy_reward"], "kl": ev["kl"],
              "response_length": ev["response_length"], "no_eos_frac": ev["no_eos_frac"],
-             "kept": int(kept.sum()), "kept_no_eos": stats["no_eos"],
-             "pool_proxy": float(np.mean(s["proxy"])),
-             "kept_proxy": float(np.mean(s["proxy"][flat])),
-             **({} if gold is None else {"kept_gold": float(np.mean(gold))}),
-             **total, **{f"round_{k}": v for k, v in compute.items()},
+             **{k: v for k, v in stats.items() if k != "samples"}, **total, **{f"round_{k}": v for k, v in compute.items()},
              "train": train_summary}
   pipeline.write_json(os.path.join(ctx.stage_dir(f"best_of_k/round_{r}"), "summary.json"), summary)
   print(f"[best_of_k] round {r}: "
         + (f"gold={ev['gold_reward']:.4g} " if "gold_reward" in ev else "")
-        + f"proxy={ev['proxy_reward']:.4g} kl={ev['kl']:.4g} kept={int(kept.sum())}", flush=True)
+        + f"proxy={ev['proxy_reward']:.4g} kl={ev['kl']:.4g} kept={stats['kept']}", flush=True)
   return summary, state["params"]
 
 
@@ -260,9 +301,14 @@ def run(ctx) -> dict:
   model = st.make_model(ctx.model_cfg, ctx.mesh)
   reward = RewardModel(ctx, model)
   sft_params, _ = common.load_params(ctx, "sft", model)
+  # Samples of finished rounds are final; the SFT policy's are written again each run.
+  log = SampleLog(os.path.join(ctx.stage_dir("best_of_k"), "samples.jsonl"),
+                  keep=lambda row: row.get("policy") == "best_of_k"
+                  and ctx.is_done(f"best_of_k/round_{row.get('round')}"))
   evaluator = PolicyEvaluator(ctx, model, reward, sft_params, response_len=cfg.ppo.response_len,
-                              temperature=cfg.evaluate.temperature, batch_size=cfg.evaluate.batch_size)
-  sft_eval = evaluator.evaluate(sft_params)
+                              temperature=cfg.evaluate.temperature, batch_size=cfg.evaluate.batch_size,
+                              log=log)
+  sft_eval = evaluator.evaluate(sft_params, {"policy": "sft"})
   eval_gen = make_generate(model, sample_config(ctx, cfg.ppo.response_len, cfg.evaluate.temperature),
                            ctx.mesh, st.param_shardings(model))
   curve = _best_of_n(ctx, eval_gen, reward, sft_params)

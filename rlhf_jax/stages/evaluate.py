@@ -12,10 +12,11 @@ R_rl(d) = d (a - b log d), with R the gold gain over the d = 0 policy).
 from __future__ import annotations
 
 import math
+import os
 
 from rlhf_jax import best_of_k as bok
 from rlhf_jax.stages import common
-from rlhf_jax.stages.policy_eval import PolicyEvaluator, RewardModel
+from rlhf_jax.stages.policy_eval import PolicyEvaluator, RewardModel, SampleLog
 from rlhf_jax.train import state as st
 
 _FIGURES = ("gold_reward", "proxy_reward", "kl", "win_rate_vs_sft")
@@ -72,7 +73,8 @@ def run(ctx) -> dict:
   reward = RewardModel(ctx, model)
   sft_params, _ = common.load_params(ctx, "sft", model)
   evaluator = PolicyEvaluator(ctx, model, reward, sft_params, response_len=cfg.ppo.response_len,
-                              temperature=cfg.evaluate.temperature, batch_size=cfg.evaluate.batch_size)
+                              temperature=cfg.evaluate.temperature, batch_size=cfg.evaluate.batch_size,
+                              log=SampleLog(os.path.join(ctx.stage_dir("evaluate"), "samples.jsonl")))
   ppo = ctx.summary("ppo") if ctx.is_done("ppo") else None
   bok_summary = ctx.summary("best_of_k") if ctx.is_done("best_of_k") else None
   checkpoints = [("sft", "sft")]
@@ -84,7 +86,7 @@ def run(ctx) -> dict:
   policies = []
   for name, stage in checkpoints:
     params = sft_params if stage == "sft" else common.load_params(ctx, stage, model)[0]
-    ev = evaluator.evaluate(params)
+    ev = evaluator.evaluate(params, {"policy": name})
     figures = {k: ev[k] for k in _FIGURES if k in ev}  # no gold figures without a gold scorer
     policies.append({"name": name, "checkpoint": stage, **figures,
                      "response_length": ev["response_length"], "no_eos_frac": ev["no_eos_frac"]})

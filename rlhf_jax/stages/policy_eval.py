@@ -12,6 +12,8 @@ the SFT policy's response by gold (ties count half).
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -81,12 +83,66 @@ def decode_responses(ctx, response, response_mask) -> list[str]:
   return tok.decode_batch(r.tolist())
 
 
+class SampleLog:
+  """DIR/<stage>/samples.jsonl: every evaluation's samples, one row per held-out prompt
+  (prompt, response, proxy, gold where there is a scorer, ended, policy and
+  iteration/round). Researchers read samples before they trust a curve (issue 14).
+
+  A resumed stage keeps the rows `keep(row)` says were final (evaluations it will
+  not redo) and skips an evaluation whose rows are already there, so a resumed
+  run leaves the rows an uninterrupted one would. Only process 0 writes.
+  """
+
+  def __init__(self, path: str, keep=lambda row: False):
+    self.path = path
+    self.active = jax.process_index() == 0
+    rows = []
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          try:
+            row = json.loads(line)
+          except ValueError:
+            break  # a torn last line from a hard kill
+          if keep(row):
+            rows.append(row)
+    self.seen = {self._key(r) for r in rows}
+    if self.active:
+      tmp = f"{path}.tmp{os.getpid()}"
+      with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+      os.replace(tmp, path)
+
+  @staticmethod
+  def _key(row: dict) -> tuple:
+    return tuple((k, row.get(k)) for k in ("policy", "iteration", "round"))
+
+  def write(self, tag: dict, samples: dict, prompts: list[str]) -> None:
+    if self._key(tag) in self.seen:
+      return
+    self.seen.add(self._key(tag))
+    if not self.active:
+      return
+    with open(self.path, "a") as f:
+      for j, i in enumerate(samples["index"]):
+        row = {**tag, "prompt_index": int(i), "prompt": prompts[int(i)],
+               "response": samples["texts"][j], "proxy": float(samples["proxy"][j]),
+               "ended": bool(samples["ended"][j])}
+        if np.isfinite(samples["gold"][j]):
+          row["gold"] = float(samples["gold"][j])
+        f.write(json.dumps(row) + "\n")
+
+
 class PolicyEvaluator:
-  """Gold / proxy / KL-from-SFT / win-rate of a policy on the held-out prompts."""
+  """Gold / proxy / KL-from-SFT / win-rate of a policy on the held-out prompts.
+
+  With `log` (a SampleLog), `evaluate(params, tag)` also writes the samples it scored.
+  """
 
   def __init__(self, ctx, model, reward: RewardModel, sft_params, *, response_len: int,
-               temperature: float, batch_size: int):
+               temperature: float, batch_size: int, log: SampleLog | None = None):
     self.ctx, self.model, self.reward, self.sft_params = ctx, model, reward, sft_params
+    self.log = log
     self.texts, self.prompts = ctx.sources.prompt_set("eval")
     self.batch_size = min(batch_size, len(self.texts) // jax.process_count() * jax.process_count())
     self.prompt_len = self.prompts["prompt"].shape[1]
@@ -104,7 +160,7 @@ class PolicyEvaluator:
 
   def samples(self, params, key=0):
     """Sample once per held-out prompt; returns host arrays and per-sample figures."""
-    out = {"gold": [], "proxy": [], "kl": [], "length": [], "ended": [], "texts": []}
+    out = {"gold": [], "proxy": [], "kl": [], "length": [], "ended": [], "index": [], "texts": []}
     for i, host in self._batches():
       b = sh.put_batch(host, self.ctx.mesh)
       g = self.gen(params, b["prompt"], b["prompt_mask"], jax.random.key(1_000_003 + key + i))
@@ -123,6 +179,7 @@ class PolicyEvaluator:
       out["kl"].append(sh.to_host(kl))
       out["length"].append(rmask.sum(-1))
       out["ended"].append(ended)
+      out["index"].append(idx)
       out["texts"].extend(texts)
     return {k: (np.concatenate(v) if k != "texts" else v) for k, v in out.items()}
 
@@ -131,10 +188,13 @@ class PolicyEvaluator:
       self._sft_gold = self.samples(self.sft_params)["gold"]
     return self._sft_gold
 
-  def evaluate(self, params) -> dict:
+  def evaluate(self, params, tag: dict | None = None) -> dict:
     """Held-out figures. Without a gold scorer (data.source=files) gold_reward and
-    win_rate_vs_sft are absent, not 0: there is nothing to compare."""
+    win_rate_vs_sft are absent, not 0: there is nothing to compare. tag (e.g.
+    {"policy": "ppo", "iteration": 6}) names the samples written to the log."""
     s = self.samples(params)
+    if tag is not None and self.log is not None:
+      self.log.write(tag, s, self.texts)
     out = {"proxy_reward": float(np.mean(s["proxy"])), "kl": float(np.mean(s["kl"])),
            "response_length": float(np.mean(s["length"])),
            "no_eos_frac": float(1.0 - np.mean(s["ended"]))}

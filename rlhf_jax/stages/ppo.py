@@ -20,7 +20,8 @@ import numpy as np
 
 from rlhf_jax.model.transformer import flops_per_token, param_count
 from rlhf_jax.stages import common
-from rlhf_jax.stages.policy_eval import PolicyEvaluator, RewardModel, decode_responses, sample_config
+from rlhf_jax.stages.policy_eval import (PolicyEvaluator, RewardModel, SampleLog, decode_responses,
+                                         sample_config)
 from rlhf_jax.stages.ppo_step import make_iteration
 from rlhf_jax.train import sharding as sh
 from rlhf_jax.train import state as st
@@ -116,19 +117,24 @@ def run(ctx) -> dict:
     gold = ctx.sources.gold([texts[i] for i in idx], resp, sh.to_host(aux["_ended"]))
     return {} if gold is None else {"gold_reward": float(np.mean(gold))}
 
+  start = int(sh.to_host(state["step"]))  # evaluations up to here are final (a resume keeps them)
+  log = SampleLog(os.path.join(ctx.stage_dir("ppo"), "samples.jsonl"),
+                  keep=lambda r: r.get("policy") == "ppo" and r.get("iteration", 0) <= start)
   evaluator = PolicyEvaluator(ctx, model, reward, sft_params, response_len=pc.response_len,
-                              temperature=cfg.evaluate.temperature, batch_size=cfg.evaluate.batch_size)
+                              temperature=cfg.evaluate.temperature, batch_size=cfg.evaluate.batch_size,
+                              log=log)
+  tag = lambda s: {"policy": "ppo", "iteration": int(sh.to_host(s["step"]))}
   compute = compute_per_iteration(cfg, ctx.model_cfg, prompt_len)
   state, rows = train_loop(
       name="ppo", stage_dir=ctx.stage_dir("ppo"), state=state, step_fn=step_fn, get_batch=get_batch,
       total_steps=pc.iterations, key=ctx.key("ppo"), mesh=ctx.mesh, ckpt=ckpt,
       meta_fn=lambda s: {**meta, "data_position": s}, log_every=pc.log_every,
-      ckpt_every=pc.ckpt_every, eval_fn=lambda s: evaluator.evaluate(s["params"]),
+      ckpt_every=pc.ckpt_every, eval_fn=lambda s: evaluator.evaluate(s["params"], tag(s)),
       eval_every=pc.eval_every, host_fn=host_fn, tokens_per_step=compute["tokens_sampled"],
       nonfinite=pc.nonfinite)
   ckpt.close()
-  sft_eval = evaluator.evaluate(sft_params)
-  final = evaluator.evaluate(state["params"])
+  sft_eval = evaluator.evaluate(sft_params, {"policy": "sft"})
+  final = evaluator.evaluate(state["params"], tag(state))
   points = _eval_points(ctx, sft_eval, compute)
   # Without a gold scorer the gold figures are absent (PolicyEvaluator leaves them out).
   return {
