@@ -182,3 +182,16 @@ def test_batcher_errors_name_the_dataset():
     batching.Batcher({'a': np.zeros(4), 'b': np.zeros(5)}, 2)
   with pytest.raises(ValueError, match='seed'):
     make_batcher().restore({'step': 3, 'seed': 8})
+
+
+def test_best_of_k_examples_without_bos():
+  """Sampled rows of a BOS-less tokenizer: an unfinished sample loses only its EOS target."""
+  from rlhf_jax.stages.best_of_k import build_examples
+  prompt = np.array([[PAD, PAD, 5, 6], [7, 8, 9, 10]])
+  response = np.array([[4, 4, EOS, PAD], [3, 3, 3, 3]])
+  rmask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], bool)
+  ex, stats = build_examples(prompt, prompt != PAD, response, rmask, np.array([True, False]),
+                             bos_id=None, eos_id=EOS, pad_id=PAD)
+  assert stats == {'no_eos': 1}
+  assert ex['tokens'].tolist() == [[5, 6, 4, 4, EOS, PAD, PAD, PAD], [7, 8, 9, 10, 3, 3, 3, 3]]
+  assert ex['loss_mask'].tolist() == [[0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1, 1]]
