@@ -13,6 +13,7 @@ setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
         "sentencepiece>=0.2",
+        "tokenizers>=0.19",  # a model folder's tokenizer.json (rlhf_jax.data.tokenizer)
         "tensorflow-datasets>=4.9.7",
         "array-record>=0.5",  # the file format the TFDS builders write
         "ml-collections>=1.0",

@@ -30,11 +30,17 @@ def get_config(arg=None):
       seed=1234,
       corpus_docs=40_000, sft_examples=4_000, reward_prompts=2_000, rl_prompts=2_000,
       eval_prompts=128,
-      tokenizer="",  # path to a sentencepiece .model; "" = train one into the workdir
+      # Our sentencepiece .model, a tokenizer.json or a Hugging Face model folder;
+      # "" = train one into the workdir (rlhf_jax.data.tokenizer.load_tokenizer).
+      tokenizer="",
       vocab_size=512,
       seq_len=96,  # pretraining rows (packed)
       max_len=80,  # prompt + response for SFT / reward
       prompt_len=32,  # left-padded prompts for generation
+      # Token budgets for SFT, reward and generation (rlhf_jax.data.sources). A longer
+      # prompt keeps its END (most recent turns) plus BOS; a longer response is cut.
+      max_prompt_len=0,  # BOS included; 0 = prompt_len
+      max_response_len=0,  # EOS included; 0 = what the prompt leaves of max_len
       overlong="truncate",  # truncate | drop over-length examples (counted in the summary)
       skip_bad=False,  # skip (and count) malformed rows instead of failing
       files=dict(pretrain="", sft="", ranking="", ranking_format="kway"),  # data.source=files

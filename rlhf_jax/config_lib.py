@@ -115,6 +115,20 @@ def validate(config, n_devices: int, n_processes: int = 1) -> None:
   if config.data.prompt_len >= config.data.max_len:
     _fail("data.prompt_len", f"{config.data.prompt_len} leaves no room for a response within "
           f"data.max_len={config.data.max_len}")
+  d = config.data
+  for key in ("max_prompt_len", "max_response_len"):
+    if key in d:
+      _positive(config, f"data.{key}", allow_zero=True)
+  prompt_budget = d.get("max_prompt_len", 0) or d.prompt_len
+  if prompt_budget >= d.max_len:
+    _fail("data.max_prompt_len", f"a prompt budget of {prompt_budget} leaves no room for a "
+          f"response within data.max_len={d.max_len}")
+  if d.get("max_response_len", 0) and prompt_budget + d.max_response_len > d.max_len:
+    _fail("data.max_response_len", f"{d.max_response_len} + the prompt budget {prompt_budget} "
+          f"exceeds data.max_len={d.max_len}: rows are data.max_len wide")
+  if prompt_budget + config.ppo.response_len > m.max_len:
+    _fail("data.max_prompt_len", f"generation needs the prompt budget {prompt_budget} + "
+          f"ppo.response_len={config.ppo.response_len} <= model.max_len={m.max_len}")
   _choice(config, "data.overlong", ("truncate", "drop"))
   for stage in ("pretrain", "sft", "reward"):
     _validate_train(config, stage, dp, n_processes)

@@ -22,6 +22,7 @@ class FakeTokenizer:
 
 
 tok = FakeTokenizer()
+NO_CUTS = {'truncated': 0, 'prompt_truncated': 0, 'response_truncated': 0, 'dropped': 0}
 
 
 def test_pack_corpus_round_trip():
@@ -51,7 +52,7 @@ def test_lm_examples_train_on_every_token_but_the_first():
 def test_sft_loss_only_on_response_and_eos():
   prompts, responses = tok.encode_batch(['Hi?', 'Q']), tok.encode_batch(['Yo', 'Answer'])
   ex, counts = batching.sft_examples(prompts, responses, 12, BOS, EOS, PAD)
-  assert counts == {'truncated': 0, 'dropped': 0}
+  assert counts == NO_CUTS
   assert ex['tokens'][0].tolist() == [BOS, *prompts[0], *responses[0], EOS] + [PAD] * 5
   assert ex['loss_mask'][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0]
   assert ex['mask'][0].tolist() == [True] * 7 + [False] * 5
@@ -60,16 +61,43 @@ def test_sft_loss_only_on_response_and_eos():
   assert not (ex['loss_mask'] * ~ex['mask']).any()
 
 
-def test_sft_overlong_truncates_response_or_drops():
-  prompts = [[10, 11], [10] * 6, [12]]
+def test_sft_overlong_keeps_the_prompt_end_and_cuts_the_response():
+  prompts = [[10, 11], [30, 31, 32, 33, 34, 35], [12]]
   responses = [[20, 21, 22, 23, 24], [20], [20]]
-  ex, counts = batching.sft_examples(prompts, responses, 6, BOS, EOS, PAD)
-  assert counts == {'truncated': 1, 'dropped': 1}  # the 6-token prompt cannot fit
+  ex, counts = batching.sft_examples(prompts, responses, 6, BOS, EOS, PAD, max_prompt_len=4)
+  assert counts == {'truncated': 2, 'prompt_truncated': 1, 'response_truncated': 1, 'dropped': 0}
   assert ex['tokens'][0].tolist() == [BOS, 10, 11, 20, 21, 22]  # cut: no EOS
   assert ex['loss_mask'][0].tolist() == [0, 0, 0, 1, 1, 1]
-  assert ex['tokens'][1].tolist() == [BOS, 12, 20, EOS, PAD, PAD]
-  ex, counts = batching.sft_examples(prompts, responses, 6, BOS, EOS, PAD, overlong='drop')
-  assert counts == {'truncated': 0, 'dropped': 2} and len(ex['tokens']) == 1
+  # The long prompt keeps BOS and its last 3 tokens (the most recent turn), then answers.
+  assert ex['tokens'][1].tolist() == [BOS, 33, 34, 35, 20, EOS]
+  assert ex['loss_mask'][1].tolist() == [0, 0, 0, 0, 1, 1]
+  assert ex['tokens'][2].tolist() == [BOS, 12, 20, EOS, PAD, PAD]
+  ex, counts = batching.sft_examples(prompts, responses, 6, BOS, EOS, PAD, overlong='drop',
+                                     max_prompt_len=4)
+  assert counts == {**NO_CUTS, 'dropped': 2} and len(ex['tokens']) == 1
+
+
+def test_response_budget_caps_the_response_even_with_room_left():
+  ex, counts = batching.sft_examples([[10]], [[20, 21, 22, 23]], 10, BOS, EOS, PAD,
+                                     max_prompt_len=4, max_response_len=3)
+  assert ex['tokens'][0].tolist() == [BOS, 10, 20, 21, 22] + [PAD] * 5
+  assert counts['response_truncated'] == 1 and counts['prompt_truncated'] == 0
+
+
+def test_no_bos_tokenizer_prepends_nothing():
+  """Qwen-style tokenizers have no BOS (bos_id None): rows start with the prompt."""
+  ex, _ = batching.sft_examples([[10, 11]], [[20]], 6, None, EOS, PAD)
+  assert ex['tokens'][0].tolist() == [10, 11, 20, EOS, PAD, PAD]
+  assert ex['loss_mask'][0].tolist() == [0, 0, 1, 1, 0, 0]
+  ex, _ = batching.sft_examples([[]], [[20, 21]], 4, None, EOS, PAD)
+  assert ex['loss_mask'][0].tolist() == [0, 1, 1, 0]  # position 0 has no predecessor
+  ex, counts = batching.prompt_examples([[10, 11], [12, 13, 14, 15], []], 3, None, PAD)
+  assert ex['prompt'].tolist() == [[PAD, 10, 11], [13, 14, 15]] and ex['index'].tolist() == [0, 1]
+  assert counts == {'truncated': 1, 'prompt_truncated': 1, 'dropped': 1}  # empty: nothing to continue
+  rw, _ = batching.reward_examples([[10]], [[[20], [21, 22]]], [[0, 1]], 5, None, EOS, PAD)
+  assert rw['tokens'][0].tolist() == [[10, 20, EOS, PAD, PAD], [10, 21, 22, EOS, PAD]]
+  rows = batching.pack_corpus([[5, 6], [7]], 5, EOS, None)
+  assert rows.tolist() == [[5, 6, EOS, 7, EOS]]
 
 
 def test_reward_examples_mixed_k():
@@ -80,12 +108,26 @@ def test_reward_examples_mixed_k():
   assert ex['valid'].tolist() == [[True] * 3, [True, True, False]]
   assert ex['ranks'].tolist() == [[1, 0, 2], [0, 1, -1]]
   assert ex['tokens'][0, 1].tolist() == [BOS, 10, 21, 22, EOS, PAD]
-  # Truncated responses still end in EOS, where the reward is read.
-  assert ex['tokens'][1, 0].tolist() == [BOS, 11, 12, 24, 25, EOS] and counts['truncated'] == 1
+  # A cut response has no EOS: it did not end where the model sees it.
+  assert ex['tokens'][1, 0].tolist() == [BOS, 11, 12, 24, 25, 26]
+  assert counts['response_truncated'] == 1 and ex['index'].tolist() == [0, 1]
   assert not ex['mask'][1, 2].any() and ex['mask'][0, 0].sum() == 4
   ex, counts = batching.reward_examples(prompts, responses, [[1, 0, 2], [0, 1]], 6, BOS, EOS, PAD,
                                         max_k=4, overlong='drop')
-  assert ex['tokens'].shape == (1, 4, 6) and counts == {'truncated': 0, 'dropped': 1}
+  assert ex['tokens'].shape == (1, 4, 6) and counts == {**NO_CUTS, 'dropped': 1}
+  assert ex['index'].tolist() == [0]
+
+
+def test_reward_rows_put_eos_only_where_a_sample_ended():
+  """Issue 19 item 7: sampled responses keep their ids; EOS only if the sample emitted it;
+  an empty sample stays empty (its row is BOS prompt EOS)."""
+  ex, counts = batching.reward_examples(
+      [[10]], [[[20, 21], [22, 23, 24], []]], [[0, 2, 1]], 8, BOS, EOS, PAD,
+      ended=[[True, False, True]])
+  assert ex['tokens'][0].tolist() == [[BOS, 10, 20, 21, EOS, PAD, PAD, PAD],
+                                      [BOS, 10, 22, 23, 24, PAD, PAD, PAD],
+                                      [BOS, 10, EOS, PAD, PAD, PAD, PAD, PAD]]
+  assert counts == NO_CUTS  # an unfinished sample is not a cut
 
 
 def test_prompts_are_left_padded_and_truncated_from_the_left():
@@ -94,7 +136,8 @@ def test_prompts_are_left_padded_and_truncated_from_the_left():
   assert ex['prompt'].tolist() == [[PAD, PAD, BOS, 10, 11], [BOS, 14, 15, 16, 17],
                                    [PAD, PAD, PAD, BOS, 18]]
   assert ex['prompt_mask'].tolist()[0] == [False, False, True, True, True]
-  assert ex['index'].tolist() == [0, 1, 2] and counts == {'truncated': 1, 'dropped': 0}
+  assert ex['index'].tolist() == [0, 1, 2]
+  assert counts == {'truncated': 1, 'prompt_truncated': 1, 'dropped': 0}
   ex, counts = batching.prompt_examples(prompts, 5, BOS, PAD, overlong='drop')
   assert ex['index'].tolist() == [0, 2] and counts['dropped'] == 1
 
@@ -139,3 +182,16 @@ def test_batcher_errors_name_the_dataset():
     batching.Batcher({'a': np.zeros(4), 'b': np.zeros(5)}, 2)
   with pytest.raises(ValueError, match='seed'):
     make_batcher().restore({'step': 3, 'seed': 8})
+
+
+def test_best_of_k_examples_without_bos():
+  """Sampled rows of a BOS-less tokenizer: an unfinished sample loses only its EOS target."""
+  from rlhf_jax.stages.best_of_k import build_examples
+  prompt = np.array([[PAD, PAD, 5, 6], [7, 8, 9, 10]])
+  response = np.array([[4, 4, EOS, PAD], [3, 3, 3, 3]])
+  rmask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], bool)
+  ex, stats = build_examples(prompt, prompt != PAD, response, rmask, np.array([True, False]),
+                             bos_id=None, eos_id=EOS, pad_id=PAD)
+  assert stats == {'no_eos': 1}
+  assert ex['tokens'].tolist() == [[5, 6, 4, 4, EOS, PAD, PAD, PAD], [7, 8, 9, 10, 3, 3, 3, 3]]
+  assert ex['loss_mask'].tolist() == [[0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1, 1]]

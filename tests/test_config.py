@@ -87,6 +87,24 @@ def test_seq_len_over_model_max_len():
   assert _error(c).startswith("config.data.seq_len:")
 
 
+def test_length_budgets_must_fit_the_rows():
+  c = _cfg()  # data.max_len=48, prompt_len=24, ppo.response_len=16, model.max_len=64
+  c.data.max_prompt_len = 48
+  assert _error(c).startswith("config.data.max_prompt_len:")
+  c = _cfg()
+  c.data.update(max_prompt_len=30, max_response_len=20)
+  assert _error(c).startswith("config.data.max_response_len:")
+  c = _cfg()
+  c.data.max_response_len = -1
+  assert _error(c).startswith("config.data.max_response_len:")
+  c = _cfg()
+  c.data.update(max_len=64, max_prompt_len=50)  # 50 + 16 > model.max_len 64
+  assert _error(c).startswith("config.data.max_prompt_len:")
+  c = _cfg()
+  c.data.update(max_prompt_len=30, max_response_len=18)
+  config_lib.validate(c, 1)
+
+
 def test_unknown_key_is_rejected_by_the_locked_config():
   c = _cfg()
   with pytest.raises(AttributeError):

@@ -29,7 +29,7 @@ def setup():
   prompts = [list(rng.choice(PROMPT_TOKENS, n)) for n in (3, 5, 2, 6)]
   responses = [list(rng.choice(RESPONSE_TOKENS, n)) for n in (4, 2, 6, 3)]
   batch, counts = sft_examples(prompts, responses, max_len=14, bos_id=BOS, eos_id=EOS, pad_id=PAD)
-  assert counts == {"truncated": 0, "dropped": 0}
+  assert counts["truncated"] == 0 and counts["dropped"] == 0
   model = st.make_model(CFG)
   params = st.init_params(model, jax.random.key(0))
   return model, params, batch, prompts, responses

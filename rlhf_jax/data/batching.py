@@ -11,9 +11,11 @@ Batch formats (numpy; the trainer turns them into global jax arrays):
   prompts   {'prompt': int32 [B, P] LEFT-padded, 'prompt_mask': bool [B, P],
              'index': int32 [B] (position of the prompt in the input list)}
 
-Sequences start with BOS and are right-padded with pad_id, except prompts,
-which are left-padded so that generation continues from the last column.
-Overlong inputs are truncated or dropped (`overlong=`) and always counted.
+Sequences start with BOS (none when the tokenizer has none: bos_id None) and are
+right-padded with pad_id, except prompts, which are left-padded so that generation
+continues from the last column. Prompt and response have separate token budgets
+(`fit_row`); an over-long prompt keeps its end, an over-long response is cut, or
+either drops the row (`overlong=`), and every cut or drop is counted.
 """
 from typing import Iterator, Sequence
 
@@ -31,13 +33,15 @@ def _check_overlong(overlong: str):
 # ------------------------------------------------------------------ LM / SFT
 
 def pack_corpus(token_lists: Sequence[Tokens], seq_len: int, eos_id: int,
-                bos_id: int) -> np.ndarray:
+                bos_id: int | None) -> np.ndarray:
   """nanoGPT-style packing: BOS doc EOS BOS doc EOS ... cut into [N, seq_len].
 
+  Without a BOS (bos_id None: Qwen, GPT-2) documents are separated by EOS alone.
   The tail that does not fill a row is dropped; nothing is padded, so every
   token of every row is trained on.
   """
-  stream = [t for doc in token_lists for t in (bos_id, *doc, eos_id)]
+  bos = () if bos_id is None else (bos_id,)
+  stream = [t for doc in token_lists for t in (*bos, *doc, eos_id)]
   n = len(stream) // seq_len
   if n == 0:
     raise ValueError(f'corpus has {len(stream)} tokens, fewer than one row of {seq_len}')
@@ -52,28 +56,59 @@ def lm_examples(rows: np.ndarray) -> dict[str, np.ndarray]:
   return {'tokens': rows, 'mask': np.ones(rows.shape, bool), 'loss_mask': loss_mask}
 
 
+def fit_row(prompt: Tokens, response: Tokens, ended: bool, max_len: int, bos_id: int | None,
+            eos_id: int, max_prompt_len: int = 0, max_response_len: int = 0):
+  """One prompt + response -> (head, tail, prompt_cut, response_cut) within the budgets.
+
+  head = [BOS] + prompt, at most `max_prompt_len` tokens (0: max_len - 1): an over-long
+  prompt keeps BOS and its END, the most recent turns, which the response answers.
+  tail = response + [EOS if ended], at most `max_response_len` tokens (0: no cap of its
+  own) and what the head leaves of max_len. A cut response gets no EOS: it did not end
+  where the model sees it (a model taught to stop there would stop mid-sentence).
+  """
+  bos = [] if bos_id is None else [bos_id]
+  budget = min(max_prompt_len or max_len - 1, max_len - 1)
+  prompt_cut = len(bos) + len(prompt) > budget
+  if prompt_cut:
+    keep = max(budget - len(bos), 0)
+    prompt = prompt[len(prompt) - keep:] if keep else []
+  head = bos + list(prompt)
+  room = max_len - len(head)
+  if max_response_len:
+    room = min(room, max_response_len)
+  tail = list(response) + ([eos_id] if ended else [])
+  response_cut = len(tail) > room
+  if response_cut:
+    tail = list(response)[:room]
+  return head, tail, prompt_cut, response_cut
+
+
+def _counts() -> dict[str, int]:
+  # truncated = rows with any cut (prompt or response); kept for older readers.
+  return {'truncated': 0, 'prompt_truncated': 0, 'response_truncated': 0, 'dropped': 0}
+
+
 def sft_examples(prompt_ids: Sequence[Tokens], response_ids: Sequence[Tokens],
-                 max_len: int, bos_id: int, eos_id: int, pad_id: int,
-                 overlong: str = 'truncate') -> tuple[dict[str, np.ndarray], dict[str, int]]:
+                 max_len: int, bos_id: int | None, eos_id: int, pad_id: int,
+                 overlong: str = 'truncate', *, max_prompt_len: int = 0,
+                 max_response_len: int = 0) -> tuple[dict[str, np.ndarray], dict[str, int]]:
   """Rows BOS prompt response EOS pad...; loss only on the response and its EOS.
 
-  overlong='truncate' cuts the response (and its EOS: a cut response did not
-  end, so the model must not learn to stop there); a prompt that leaves no
-  room for a single response token is dropped either way. Returns
-  (examples, {'truncated': n, 'dropped': n}).
+  Budgets as in `fit_row`: overlong='truncate' keeps a long prompt's end and cuts a
+  long response (and its EOS); 'drop' drops any row that needs a cut. Returns
+  (examples, {'truncated', 'prompt_truncated', 'response_truncated', 'dropped'}).
   """
   _check_overlong(overlong)
   if len(prompt_ids) != len(response_ids):
     raise ValueError(f'{len(prompt_ids)} prompts but {len(response_ids)} responses')
-  rows, targets, counts = [], [], {'truncated': 0, 'dropped': 0}
+  rows, targets, counts = [], [], _counts()
   for prompt, response in zip(prompt_ids, response_ids):
-    head, tail = [bos_id, *prompt], [*response, eos_id]
-    if len(head) + len(tail) > max_len:
-      if overlong == 'drop' or len(head) >= max_len:
-        counts['dropped'] += 1
-        continue
-      tail = tail[:max_len - len(head)]
-      counts['truncated'] += 1
+    head, tail, p_cut, r_cut = fit_row(prompt, response, True, max_len, bos_id, eos_id,
+                                       max_prompt_len, max_response_len)
+    if (p_cut or r_cut) and overlong == 'drop':
+      counts['dropped'] += 1
+      continue
+    _count(counts, p_cut, r_cut)
     rows.append(head + tail)
     targets.append(len(head))
   if not rows:
@@ -82,7 +117,14 @@ def sft_examples(prompt_ids: Sequence[Tokens], response_ids: Sequence[Tokens],
   tokens, mask = _right_pad(rows, max_len, pad_id)
   loss_mask = mask.astype(np.float32)
   loss_mask[np.arange(max_len)[None, :] < np.asarray(targets)[:, None]] = 0.0
+  loss_mask[:, 0] = 0.0  # nothing precedes position 0 (an empty prompt without BOS)
   return {'tokens': tokens, 'mask': mask, 'loss_mask': loss_mask}, counts
+
+
+def _count(counts: dict, p_cut: bool, r_cut: bool):
+  counts['prompt_truncated'] += bool(p_cut)
+  counts['response_truncated'] += bool(r_cut)
+  counts['truncated'] += bool(p_cut or r_cut)
 
 
 def _right_pad(rows: list[list[int]], length: int, pad_id: int):
@@ -97,16 +139,20 @@ def _right_pad(rows: list[list[int]], length: int, pad_id: int):
 # -------------------------------------------------------------------- reward
 
 def reward_examples(prompt_ids: Sequence[Tokens], responses_ids: Sequence[Sequence[Tokens]],
-                    ranks: Sequence[Sequence[int]], max_len: int, bos_id: int,
+                    ranks: Sequence[Sequence[int]], max_len: int, bos_id: int | None,
                     eos_id: int, pad_id: int, max_k: int | None = None,
-                    overlong: str = 'truncate') -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """Comparisons -> rows BOS prompt response EOS, [N, max_k, max_len].
+                    overlong: str = 'truncate', *, ended: Sequence[Sequence[bool]] | None = None,
+                    max_prompt_len: int = 0, max_response_len: int = 0
+                    ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+  """Comparisons -> rows BOS prompt response [EOS], [N, max_k, max_len].
 
-  Comparisons with fewer than max_k responses (default: the largest K seen)
-  are padded with valid=False rows. Truncation cuts the response but keeps
-  the EOS, so the reward is always read at an EOS token; a comparison whose
-  prompt leaves no room for one response token plus EOS is dropped, as is
-  any overlong one under overlong='drop'.
+  EOS follows a response only where it ended: `ended[i][j]` for sampled responses (the
+  label stage's token-level truth), every written response otherwise, and never after
+  a cut (`fit_row`). The reward is read at the last real token, as PPO reads it
+  (policy_eval.last_index), so a response the policy never finished looks unfinished
+  to the reward model too. Comparisons with fewer than max_k responses (default: the
+  largest K seen) are padded with valid=False rows; overlong='drop' drops a comparison
+  that needs any cut. `index` holds each kept comparison's position in the input.
   """
   _check_overlong(overlong)
   if not len(prompt_ids) == len(responses_ids) == len(ranks):
@@ -116,18 +162,20 @@ def reward_examples(prompt_ids: Sequence[Tokens], responses_ids: Sequence[Sequen
   max_k = k_seen if max_k is None else max_k
   if k_seen > max_k:
     raise ValueError(f'a comparison has {k_seen} responses, more than max_k={max_k}')
-  kept, counts = [], {'truncated': 0, 'dropped': 0}
-  for prompt, responses, rank in zip(prompt_ids, responses_ids, ranks):
+  kept, index, counts = [], [], _counts()
+  for i, (prompt, responses, rank) in enumerate(zip(prompt_ids, responses_ids, ranks)):
     if len(rank) != len(responses):
       raise ValueError(f'{len(responses)} responses but {len(rank)} ranks')
-    head = [bos_id, *prompt]
-    room = max_len - len(head) - 1  # for response tokens, before EOS
-    too_long = any(len(r) > room for r in responses)
-    if room < 1 or (too_long and overlong == 'drop'):
+    done = [True] * len(responses) if ended is None else list(ended[i])
+    fits = [fit_row(prompt, r, e, max_len, bos_id, eos_id, max_prompt_len, max_response_len)
+            for r, e in zip(responses, done)]
+    p_cut, r_cut = any(f[2] for f in fits), any(f[3] for f in fits)
+    if (p_cut or r_cut) and overlong == 'drop':
       counts['dropped'] += 1
       continue
-    counts['truncated'] += too_long
-    kept.append(([head + [*r[:room], eos_id] for r in responses], rank))
+    _count(counts, p_cut, r_cut)
+    kept.append(([head + tail for head, tail, _, _ in fits], rank))
+    index.append(i)
   if not kept:
     raise ValueError(f'no comparison fits in max_len={max_len} '
                      f'({counts["dropped"]} of {len(prompt_ids)} dropped)')
@@ -141,30 +189,38 @@ def reward_examples(prompt_ids: Sequence[Tokens], responses_ids: Sequence[Sequen
     tokens[i, :k], mask[i, :k] = _right_pad(rows, max_len, pad_id)
     out_ranks[i, :k] = rank
     valid[i, :k] = True
-  return {'tokens': tokens, 'mask': mask, 'ranks': out_ranks, 'valid': valid}, counts
+  return {'tokens': tokens, 'mask': mask, 'ranks': out_ranks, 'valid': valid,
+          'index': np.asarray(index, np.int32)}, counts
 
 
 # ------------------------------------------------------------------- prompts
 
-def prompt_examples(prompt_ids: Sequence[Tokens], max_len: int, bos_id: int,
+def prompt_examples(prompt_ids: Sequence[Tokens], max_len: int, bos_id: int | None,
                     pad_id: int, overlong: str = 'truncate'
                     ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
   """Prompts -> LEFT-padded BOS prompt rows for generation, [N, max_len].
 
   Left padding puts every prompt's last token in the last column, so one
   sampling loop continues all of them. Overlong prompts keep BOS and their
-  END (the part nearest to what is generated) under 'truncate'.
+  END (the part nearest to what is generated) under 'truncate'. A prompt with
+  no token at all (empty, and no BOS) has nothing to continue and is dropped.
   """
   _check_overlong(overlong)
-  rows, index, counts = [], [], {'truncated': 0, 'dropped': 0}
+  bos = [] if bos_id is None else [bos_id]
+  rows, index = [], []
+  counts = {'truncated': 0, 'prompt_truncated': 0, 'dropped': 0}
   for i, prompt in enumerate(prompt_ids):
-    row = [bos_id, *prompt]
+    row = bos + list(prompt)
     if len(row) > max_len:
-      if overlong == 'drop' or max_len < 2:
+      if overlong == 'drop' or max_len <= len(bos):
         counts['dropped'] += 1
         continue
-      row = [bos_id, *prompt[len(prompt) - (max_len - 1):]]
+      row = bos + list(prompt[len(prompt) - (max_len - len(bos)):])
       counts['truncated'] += 1
+      counts['prompt_truncated'] += 1
+    if not row:
+      counts['dropped'] += 1
+      continue
     rows.append(row)
     index.append(i)
   if not rows:

@@ -167,6 +167,44 @@ def _parse_kway(row: dict, allow_ties: bool = False, key: str = 'ranking') -> di
   return {'prompt': prompt, 'responses': list(responses), 'ranks': ranks}
 
 
+def _token_ids(value, name: str) -> list[int]:
+  if not isinstance(value, list) or not all(
+      isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+    raise _Bad('wrong_type', f"'{name}' must be an array of non-negative integers")
+  return value
+
+
+def _parse_sampled(row: dict) -> dict:
+  """The label stage's K samples per prompt, as sampled (issue 19 item 7).
+
+  Besides the K-way fields ('responses' may hold empty texts here), the token ids:
+  'prompt_ids' (what the samples were conditioned on, no BOS), 'response_ids' (each
+  sample's ids, without its EOS) and 'ended' (whether the sample emitted EOS).
+  """
+  prompt = _get(row, 'prompt', str)
+  responses = _get(row, 'responses', list)
+  if not 2 <= len(responses) <= MAX_K:
+    raise _Bad('bad_k', f"'responses' must hold 2..{MAX_K} entries, got {len(responses)}")
+  for i, r in enumerate(responses):
+    if not isinstance(r, str):
+      raise _Bad('wrong_type', f"'responses[{i}]' must be string, got {_type_name(r)}")
+  k = len(responses)
+  ranks = check_ranks(_get(row, 'ranking', list), k, allow_ties=True)
+  prompt_ids = _token_ids(_get(row, 'prompt_ids', list), 'prompt_ids')
+  response_ids = _get(row, 'response_ids', list)
+  ended = _get(row, 'ended', list)
+  if len(response_ids) != k or len(ended) != k:
+    raise _Bad('bad_k', f"'response_ids' and 'ended' must hold {k} entries like 'responses'")
+  response_ids = [_token_ids(r, f'response_ids[{i}]') for i, r in enumerate(response_ids)]
+  if not all(isinstance(e, bool) for e in ended):
+    raise _Bad('wrong_type', "'ended' must hold booleans")
+  for i, (r, e) in enumerate(zip(response_ids, ended)):
+    if not r and not e:
+      raise _Bad('bad_sample', f"'response_ids[{i}]' is empty but the sample did not end")
+  return {'prompt': prompt, 'responses': list(responses), 'ranks': ranks,
+          'prompt_ids': prompt_ids, 'response_ids': response_ids, 'ended': list(ended)}
+
+
 def _parse_sft(row: dict) -> dict:
   return {'prompt': _get(row, 'prompt', str),
           'response': _nonempty(_get(row, 'response', str), 'response')}
@@ -229,6 +267,12 @@ def read_kway(path, *, allow_ties: bool = False, skip_bad: bool = False,
               stats: ReadStats | None = None):
   """{'prompt', 'responses': K strings, 'ranking': K ints} JSONL -> ranking records."""
   return _rows(path, lambda row: _parse_kway(row, allow_ties), skip_bad, stats)
+
+
+def read_sampled_ranking(path, *, skip_bad: bool = False, stats: ReadStats | None = None):
+  """The label stage's JSONL with token ids -> ranking records plus 'prompt_ids',
+  'response_ids', 'ended' (see `_parse_sampled`)."""
+  return _rows(path, _parse_sampled, skip_bad, stats)
 
 
 def read_sft(path, *, skip_bad: bool = False, stats: ReadStats | None = None):

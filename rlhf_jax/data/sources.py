@@ -7,21 +7,31 @@ through the TFDS builders (`config.data.files.*` name manual_dir folders
 holding train/test files, see docs/data_formats.md); there is no gold
 scorer then, so gold figures are absent from summaries.
 
-The tokenizer is trained once into DIR/tokenizer.model (or loaded from
-`data.tokenizer`) and reused by every stage.
+The tokenizer is trained once into DIR/tokenizer.model, or loaded from
+`data.tokenizer` (our .model, a tokenizer.json, or a Hugging Face model folder:
+`tokenizer.load_tokenizer`), and reused by every stage.
+
+Lengths: prompts and responses have separate token budgets, the same for SFT,
+reward and generation. `data.max_prompt_len` (BOS included; 0 = data.prompt_len)
+keeps an over-long prompt's END, its most recent turns; `data.max_response_len`
+(EOS included; 0 = whatever the prompt leaves of data.max_len) cuts an over-long
+response. Rows are data.max_len wide. `data.overlong="drop"` drops instead of
+cutting. The counts (prompt_truncated, response_truncated, dropped, skipped_rows)
+go into each stage's summary.
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
 import zlib
 
 import jax
 import numpy as np
 
-from rlhf_jax.data import batching, world
+from rlhf_jax.data import batching, formats, world
 from rlhf_jax.data.formats import DataError
-from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.data.tokenizer import BaseTokenizer, Tokenizer, load_tokenizer
 
 # Each prompt split has its own seed stream ("prompts/reward", ..) so splits do not overlap.
 PROMPT_SPLITS = ("reward", "rl", "eval")
@@ -37,6 +47,20 @@ def stream_seed(seed: int, *names: str) -> int:
   """
   words = [int(seed) % 2**32, int(seed) // 2**32 % 2**32] + [zlib.crc32(n.encode()) for n in names]
   return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]) >> 1  # a 63-bit int
+
+
+def _has_token_ids(path: str) -> bool:
+  """Whether a label-stage JSONL carries the sampled token ids (older ones hold text only)."""
+  if not os.path.isfile(path):
+    return False
+  with open(path, "rb") as f:
+    for line in f:
+      if line.strip():
+        try:
+          return "response_ids" in json.loads(line)
+        except ValueError:
+          return False
+  return False
 
 
 def _split(arrays: dict, frac: float, name: str):
@@ -56,9 +80,9 @@ class DataSources:
 
   # ----------------------------------------------------------------- tokenizer
   @functools.cached_property
-  def tokenizer(self) -> Tokenizer:
+  def tokenizer(self) -> BaseTokenizer:
     if self.cfg.tokenizer:
-      return Tokenizer.load(os.path.expanduser(self.cfg.tokenizer))
+      return load_tokenizer(os.path.expanduser(self.cfg.tokenizer))
     path = os.path.join(self.workdir, "tokenizer.model")
     if jax.process_index() == 0 and not os.path.exists(path):
       os.makedirs(self.workdir, exist_ok=True)
@@ -71,6 +95,19 @@ class DataSources:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("tokenizer")
     return Tokenizer.load(path)
+
+  @property
+  def max_prompt_len(self) -> int:
+    """Prompt budget in tokens, BOS included (SFT, reward and generation prompts)."""
+    return self.cfg.get("max_prompt_len", 0) or self.cfg.prompt_len
+
+  @property
+  def max_response_len(self) -> int:
+    """Response budget in tokens, EOS included; 0 = what the prompt leaves of max_len."""
+    return self.cfg.get("max_response_len", 0)
+
+  def _budgets(self) -> dict:
+    return {"max_prompt_len": self.max_prompt_len, "max_response_len": self.max_response_len}
 
   def prompt_text(self, prompt: str) -> str:
     """What the model sees before a response (the world's separator ends the prompt)."""
@@ -134,7 +171,7 @@ class DataSources:
     return _split(batching.lm_examples(rows), EVAL_FRACTION, "pretraining corpus")
 
   def sft(self):
-    """Demonstrations -> ((train, eval) examples, counts of truncated/dropped/skipped)."""
+    """Demonstrations -> ((train, eval) examples, counts of truncated/dropped/skipped rows)."""
     if self.synthetic:
       pairs = world.make_sft(self.seed_for("sft"), self.cfg.sft_examples)
       skipped = 0
@@ -145,7 +182,7 @@ class DataSources:
     ex, counts = batching.sft_examples(
         tok.encode_batch([self.prompt_text(p) for p, _ in pairs]),
         tok.encode_batch([r for _, r in pairs]), self.cfg.max_len, tok.bos_id, tok.eos_id,
-        tok.pad_id, overlong=self.cfg.overlong)
+        tok.pad_id, overlong=self.cfg.overlong, **self._budgets())
     return _split(ex, EVAL_FRACTION, "SFT demonstrations"), {**counts, "skipped_rows": skipped}
 
   def prompts(self, split: str) -> list[str]:
@@ -161,33 +198,56 @@ class DataSources:
     texts = self.prompts(split)
     tok = self.tokenizer
     ex, _ = batching.prompt_examples(tok.encode_batch([self.prompt_text(p) for p in texts]),
-                                     self.cfg.prompt_len, tok.bos_id, tok.pad_id,
+                                     self.max_prompt_len, tok.bos_id, tok.pad_id,
                                      overlong="truncate")
     return texts, ex
 
   def rankings(self, label_dir: str | None, max_k: int, eval_frac: float):
-    """K-way rankings -> ((train, eval) reward examples, counts).
+    """K-way rankings -> ((train, eval) reward examples, raw eval rows, counts).
 
-    Synthetic: the label stage's output (the same K-way JSONL format as real
-    data, read through the same TFDS builder). Files: data.files.ranking in
-    data.files.ranking_format (hh_rlhf | tldr | kway).
+    Synthetic: the label stage's output, token ids as sampled with their `ended`
+    flags (issue 19 item 7: no decode/re-encode, EOS only where a sample ended).
+    Files: data.files.ranking in data.files.ranking_format (hh_rlhf | tldr | kway),
+    read through the TFDS builder and tokenized here. The held-out split is the
+    last `eval_frac` of the comparisons that survive length filtering (item 6).
+    raw eval rows are (prompt text, response texts, ended flags), aligned with eval.
     """
-    if self.synthetic or not self.cfg.files.ranking:
-      manual, fmt, data_dir = label_dir, "kway", os.path.join(label_dir, "tfds")
-    else:
-      manual, fmt, data_dir = self.cfg.files.ranking, self.cfg.files.ranking_format, None
-    recs, stats = self._records("ranking", manual, "train", config=fmt, data_dir=data_dir)
     tok = self.tokenizer
-    prompts = [self.prompt_text(r["prompt"]) if self.synthetic else r["prompt"] for r in recs]
+    from_label = self.synthetic or not self.cfg.files.ranking
+    sampled = os.path.join(label_dir, "train.jsonl") if from_label else None
+    if sampled and _has_token_ids(sampled):
+      stats = formats.ReadStats()
+      recs = list(formats.read_sampled_ranking(sampled, skip_bad=self.cfg.skip_bad, stats=stats))
+      prompt_ids = [r["prompt_ids"] for r in recs]
+      responses_ids = [r["response_ids"] for r in recs]
+      ended = [r["ended"] for r in recs]
+    else:
+      if from_label:
+        manual, fmt, data_dir = label_dir, "kway", os.path.join(label_dir, "tfds")
+      else:
+        manual, fmt, data_dir = self.cfg.files.ranking, self.cfg.files.ranking_format, None
+      recs, stats = self._records("ranking", manual, "train", config=fmt, data_dir=data_dir)
+      recs = list(recs)
+      prompt_ids = tok.encode_batch([self.prompt_text(r["prompt"]) if self.synthetic
+                                     else r["prompt"] for r in recs])
+      responses_ids = [tok.encode_batch(r["responses"]) for r in recs]
+      ended = None  # written responses are finished
     ex, counts = batching.reward_examples(
-        tok.encode_batch(prompts), [tok.encode_batch(r["responses"]) for r in recs],
-        [r["ranks"] for r in recs], self.cfg.max_len, tok.bos_id, tok.eos_id, tok.pad_id,
-        max_k=max_k, overlong=self.cfg.overlong)
-    raw = [(r["prompt"], list(r["responses"])) for r in recs]
-    n_eval = max(1, int(len(recs) * eval_frac))
+        prompt_ids, responses_ids, [r["ranks"] for r in recs], self.cfg.max_len, tok.bos_id,
+        tok.eos_id, tok.pad_id, max_k=max_k, overlong=self.cfg.overlong, ended=ended,
+        **self._budgets())
+    index = ex.pop("index")
+    n = len(index)
+    n_eval = max(1, int(n * eval_frac))
+    if n - n_eval < 1:
+      raise DataError(f"rankings: only {n} comparisons fit the length budgets; not enough "
+                      f"to hold out reward.eval_frac={eval_frac}")
     train = {k: v[:-n_eval] for k, v in ex.items()}
     evals = {k: v[-n_eval:] for k, v in ex.items()}
-    return (train, evals), raw[-n_eval:], {**counts, "skipped_rows": stats.num_skipped}
+    raw = [(recs[i]["prompt"], list(recs[i]["responses"]),
+            list(ended[i]) if ended is not None else [True] * len(recs[i]["responses"]))
+           for i in index[-n_eval:]]
+    return (train, evals), raw, {**counts, "skipped_rows": stats.num_skipped}
 
   # --------------------------------------------------------------------- gold
   @property

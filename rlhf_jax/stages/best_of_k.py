@@ -108,7 +108,7 @@ def select_best(scores, keep: str = "best", threshold: float = 0.0, top_frac: fl
   return idx, kept
 
 
-def build_examples(prompt, prompt_mask, response, response_mask, ended, *, bos_id: int,
+def build_examples(prompt, prompt_mask, response, response_mask, ended, *, bos_id: int | None,
                    eos_id: int, pad_id: int):
   """Sampled token ids -> SFT examples [M, P+N] (BOS prompt response [EOS]).
 
@@ -133,7 +133,7 @@ def build_examples(prompt, prompt_mask, response, response_mask, ended, *, bos_i
     raise AssertionError(f"kept samples do not fit in {width + 1} tokens: {counts}")
   ended = np.asarray(ended, bool)
   for i in np.flatnonzero(~ended):
-    j = 1 + len(prompts[i]) + len(responses[i])  # the EOS sft_examples appended
+    j = (bos_id is not None) + len(prompts[i]) + len(responses[i])  # the EOS sft_examples appended
     ex["tokens"][i, j], ex["mask"][i, j], ex["loss_mask"][i, j] = pad_id, False, 0.0
   ex = {k: v[:, :width] for k, v in ex.items()}
   return ex, {"no_eos": int((~ended).sum())}

@@ -3,8 +3,14 @@
 InstructGPT's labelers ranked K = 4..9 model outputs per prompt. Here the
 synthetic world's gold scorer plus Plackett-Luce noise (`world.annotate`,
 temperature and flip rate from config.label) plays them. The output is the
-generic K-way ranking JSONL (`DIR/label/data/train.jsonl`) that real ranking
-data also uses, so the reward stage reads either through the same builder.
+generic K-way ranking JSONL (`DIR/label/data/train.jsonl`: prompt, responses,
+ranking) that real ranking data also uses, plus the token-level truth the reward
+model must be trained on (issue 19 item 7): `prompt_ids` (the prompt the samples
+were conditioned on, BOS stripped), `response_ids` (each sample's ids as sampled,
+its EOS stripped: no decode/re-encode, which can change ids) and `ended` (whether
+it emitted EOS). The reward stage puts EOS back only where a sample ended, so a
+truncated sample, which gold penalises, also looks unfinished to the RM; an empty
+response stays empty (its row is prompt + EOS).
 """
 from __future__ import annotations
 
@@ -35,6 +41,24 @@ def pair_agreement(ranks: np.ndarray, gold: np.ndarray, min_gap: float = 0.0) ->
   return float(agree / max(total, 1))
 
 
+def sampled_prompt_ids(prompt, prompt_mask, bos_id) -> list[list[int]]:
+  """Left-padded prompt rows -> their real ids, without the leading BOS."""
+  out = []
+  for row, m in zip(np.asarray(prompt), np.asarray(prompt_mask, bool)):
+    ids = row[m].tolist()
+    out.append(ids[1:] if bos_id is not None and ids[:1] == [bos_id] else ids)
+  return out
+
+
+def sampled_response_ids(response, response_mask, ended, eos_id) -> list[list[int]]:
+  """Sampled responses -> their ids as sampled, without the EOS of those that ended."""
+  out = []
+  for row, m, e in zip(np.asarray(response), np.asarray(response_mask, bool), ended):
+    ids = row[m].tolist()
+    out.append(ids[:-1] if e and ids[-1:] == [eos_id] else ids)
+  return out
+
+
 def run(ctx) -> dict:
   cfg, lc = ctx.config, ctx.config.label
   if not ctx.sources.has_gold:
@@ -55,16 +79,22 @@ def run(ctx) -> dict:
   out_dir = os.path.join(ctx.stage_dir("label"), "data")
   os.makedirs(out_dir, exist_ok=True)
   responses = np.array(s["texts"], dtype=object).reshape(-1, k)
+  prompt_ids = sampled_prompt_ids(prompts["prompt"], prompts["prompt_mask"],
+                                  ctx.sources.tokenizer.bos_id)
+  response_ids = sampled_response_ids(s["response"], s["response_mask"], s["ended"],
+                                      ctx.sources.tokenizer.eos_id)
+  ended = s["ended"].reshape(-1, k)
   if jax.process_index() == 0:
     tmp = os.path.join(out_dir, "train.jsonl.tmp")
     with open(tmp, "w") as f:
-      for p, rs, rk in zip(texts, responses, ranks):
-        # Empty samples cannot be ranked data (the reader rejects them); keep K aligned.
-        rs = [r if r.strip() else "." for r in rs]
-        f.write(json.dumps({"prompt": p, "responses": list(rs), "ranking": rk.tolist()}) + "\n")
+      for i, (p, rs, rk) in enumerate(zip((texts[j] for j in prompts["index"]), responses, ranks)):
+        f.write(json.dumps({"prompt": p, "responses": list(rs), "ranking": rk.tolist(),
+                            "prompt_ids": prompt_ids[i],
+                            "response_ids": response_ids[i * k:(i + 1) * k],
+                            "ended": ended[i].tolist()}) + "\n")
     os.replace(tmp, os.path.join(out_dir, "train.jsonl"))
   return {
-      "prompts": len(texts), "k": k, "comparisons_per_prompt": k * (k - 1) // 2,
+      "prompts": len(ranks), "k": k, "comparisons_per_prompt": k * (k - 1) // 2,
       "label_gold_agreement": pair_agreement(ranks, gold),
       "label_gold_agreement_clear": pair_agreement(ranks, gold, min_gap=0.25),
       "sample_gold_mean": float(gold.mean()), "sample_gold_std": float(gold.std()),

@@ -1,7 +1,9 @@
 """Stage: the reward model (InstructGPT step 2).
 
 Initialised from SFT with a fresh scalar head (std 1/sqrt(d_model + 1),
-lm-human-preferences); the reward is read at the last real token (EOS).
+lm-human-preferences); the reward is read at the last real token: EOS where the
+response ended, its last token where it did not (a cut or unfinished sample, issue 19
+item 7), exactly where PPO reads it (`policy_eval.last_index`).
 Every prompt's K responses sit in one batch element and are forwarded once;
 the loss is the mean over its C(K,2) untied pairs of -log sigmoid(r_better -
 r_worse), then the mean over prompts (`losses.ranking_loss`; InstructGPT
@@ -68,8 +70,8 @@ def _gold_accuracy(ctx, rewards, arrays, raw, min_gap: float):
   if not ctx.sources.has_gold or raw is None:
     return None
   agree = total = 0
-  for r, valid, (prompt, responses) in zip(rewards, arrays["valid"], raw):
-    g = ctx.sources.gold([prompt] * len(responses), responses)
+  for r, valid, (prompt, responses, ended) in zip(rewards, arrays["valid"], raw):
+    g = ctx.sources.gold([prompt] * len(responses), responses, ended)
     k = int(valid.sum())
     for i in range(k):
       for j in range(i + 1, k):
@@ -105,8 +107,6 @@ def run(ctx) -> dict:
   model = st.make_model(ctx.model_cfg, ctx.mesh)
   (train, evals), raw_eval, counts = ctx.sources.rankings(
       os.path.join(ctx.stage_dir("label"), "data"), max_k=None, eval_frac=rc.eval_frac)
-  if counts.get("dropped"):
-    raw_eval = None  # rows were dropped, so texts no longer align with arrays
   loss, eval_loss = make_losses(model)
   summary, state = common.train_supervised(
       ctx, "reward", rc, model=model, loss_fn=loss, eval_loss=eval_loss,
