@@ -31,6 +31,8 @@ REQUIRES = {
     "reward": ("sft", "label"),
     "ppo": ("sft", "reward"),
     "best_of_k": ("sft", "reward"),
+    "dpo": ("sft", "label", "reward"),  # label's rankings; the reward model for held-out proxy
+    "grpo": ("sft", "reward"),
     "evaluate": ("sft", "reward"),
 }
 
@@ -73,8 +75,9 @@ class Context:
 
 def _stage_requires(config, name: str):
   req = REQUIRES[name]
-  if name == "reward" and config.data.source == "files" and config.data.files.ranking:
-    req = ("sft",)  # real rankings instead of the label stage
+  if (name in ("reward", "dpo") and config.data.source == "files"
+      and config.data.files.ranking):  # real rankings instead of the label stage
+    req = tuple(r for r in req if r != "label")
   return req
 
 
