@@ -155,6 +155,6 @@ def _run_stages(ctx, stages, guard) -> None:
     if guard.requested() and name != stages[-1]:
       raise loop.Preempted(f"{name}: finished and saved, then preempted (SIGTERM); re-run the "
                            f"same command to continue with the next stage")
-  if "evaluate" in stages or set(stages) >= {"ppo", "best_of_k"}:
+  if "evaluate" in stages or set(stages) >= {"ppo", "best_of_k"} or set(stages) & {"dpo", "grpo"}:
     from rlhf_jax import report
     report.write_report(ctx)

@@ -138,13 +138,8 @@ class DataSources:
     data, read through the same TFDS builder). Files: data.files.ranking in
     data.files.ranking_format (hh_rlhf | tldr | kway).
     """
-    if self.synthetic or not self.cfg.files.ranking:
-      manual, fmt, data_dir = label_dir, "kway", os.path.join(label_dir, "tfds")
-    else:
-      manual, fmt, data_dir = self.cfg.files.ranking, self.cfg.files.ranking_format, None
-    recs, stats = self._records("ranking", manual, "train", config=fmt, data_dir=data_dir)
+    recs, prompts, stats = self.ranking_records(label_dir)
     tok = self.tokenizer
-    prompts = [self.prompt_text(r["prompt"]) if self.synthetic else r["prompt"] for r in recs]
     ex, counts = batching.reward_examples(
         tok.encode_batch(prompts), [tok.encode_batch(r["responses"]) for r in recs],
         [r["ranks"] for r in recs], self.cfg.max_len, tok.bos_id, tok.eos_id, tok.pad_id,
@@ -154,6 +149,18 @@ class DataSources:
     train = {k: v[:-n_eval] for k, v in ex.items()}
     evals = {k: v[-n_eval:] for k, v in ex.items()}
     return (train, evals), raw[-n_eval:], {**counts, "skipped_rows": stats.num_skipped}
+
+  def ranking_records(self, label_dir: str | None):
+    """The K-way ranking records `rankings` reads (label stage or data.files.ranking),
+    with each prompt as the model sees it: (records, prompt texts, TFDS read stats).
+    DPO builds its pairs from these (it needs the prompt / response boundary)."""
+    if self.synthetic or not self.cfg.files.ranking:
+      manual, fmt, data_dir = label_dir, "kway", os.path.join(label_dir, "tfds")
+    else:
+      manual, fmt, data_dir = self.cfg.files.ranking, self.cfg.files.ranking_format, None
+    recs, stats = self._records("ranking", manual, "train", config=fmt, data_dir=data_dir)
+    prompts = [self.prompt_text(r["prompt"]) if self.synthetic else r["prompt"] for r in recs]
+    return recs, prompts, stats
 
   # --------------------------------------------------------------------- gold
   @property
