@@ -8,7 +8,11 @@ accelerator (a 24M-parameter model, bf16, bigger batches and datasets):
 
   python -m rlhf_jax.main --config configs/tiny.py:gpu --workdir runs/gpu
   python -m experiments.ppo_vs_bok --config configs/tiny.py:gpu --workdir runs/ablation_gpu
-Stages: pretrain -> sft -> label -> reward -> ppo -> best_of_k -> evaluate.
+Stages: pretrain -> sft -> label -> reward -> ppo -> best_of_k -> evaluate; the policy
+stages dpo and grpo (DPO/IPO, GRPO/RLOO/Dr. GRPO) run beside ppo when listed:
+
+  python -m rlhf_jax.main --config configs/tiny.py --workdir runs/tiny \
+      --config.stages=pretrain,sft,label,reward,dpo,grpo
 """
 import ml_collections as mlc
 
@@ -84,6 +88,38 @@ def get_config(arg=None):
       opt=cl.optimizer(1e-4, b1=0.9, b2=0.95, eps=1e-5, schedule="constant", clip_norm=1.0),
       critic_lr=3e-4,
   )
+  # Offline preference optimisation on the label stage's rankings (or data.files.ranking):
+  # the policy and the frozen reference both start from SFT.
+  c.dpo = cl.train(steps=60, batch_size=32, lr=1e-4, warmup_steps=5, eval_every=20, log_every=5,
+                   ckpt_every=20, schedule="constant")  # batch_size: pairs per step
+  c.dpo.update(dict(
+      beta=0.1,  # KL strength: implicit reward = beta log(pi / pi_ref) (Rafailov et al. 2023)
+      loss_type="sigmoid",  # sigmoid: DPO (Rafailov et al. 2023) | ipo: IPO (Azar et al. 2023)
+      label_smoothing=0.0,  # conservative DPO: labels flipped w.p. ls (Mitchell 2023)
+      pairs="all",  # all untied pairs of a ranking (InstructGPT's C(K,2)) | best_vs_rest
+      eval_frac=0.1,  # held-out rankings for pair loss / accuracy (as reward.eval_frac)
+      response_len=32,  # held-out policy samples; = ppo.response_len so arms compare
+  ))
+  # Critic-free RL: K samples per prompt, the group is the baseline (no value model).
+  c.grpo = dict(
+      iterations=24, prompts_per_iteration=16, minibatches=4, epochs=1, response_len=32,
+      k=4,  # samples per prompt (GRPO: 64, Shao et al. 2024; RLOO: 2-4, Ahmadian et al. 2024)
+      temperature=1.0,  # sampling temperature, used for every log-prob (Huang et al. 2024)
+      advantage="grpo",  # grpo: (s-mean)/std (Shao et al.) | rloo: leave-one-out (Ahmadian et
+                         # al. 2024) | dr_grpo: s-mean (Liu et al. 2025)
+      kl_mode="loss",  # loss: beta * k3 KL term in the loss (GRPO eq. 3) | reward: -beta * summed
+                       # per-token KL in the sequence reward (InstructGPT; RLOO's form)
+      kl_coef=0.05,  # beta (GRPO used 0.04)
+      loss_agg="sequence",  # token: DAPO (Yu et al. 2025) | sequence: 1/|o| mean, GRPO |
+                            # constant: sum / response_len, Dr. GRPO (Liu et al. 2025)
+      clip_eps=0.2,  # PPO clip on the ratio (Schulman et al. 2017; GRPO keeps it)
+      entropy_coef=0.0,
+      missing_eos_penalty=-1.0, use_eos_penalty=True,  # as ppo (Huang et al. 2024)
+      reward_clip=0.0,  # clip normalised scores to +-value (0 = off)
+      eval_every=6, log_every=1, ckpt_every=6,
+      nonfinite="stop",  # stop | skip, as ppo
+      opt=cl.optimizer(1e-4, b1=0.9, b2=0.95, eps=1e-5, schedule="constant", clip_norm=1.0),
+  )
   # Best-of-n evaluation (Stiennon et al. 2020; Gao et al. 2022) and rejection-sampling
   # fine-tuning: sample K, keep the RM's best, fine-tune, repeat (Dong et al. 2023 "RAFT";
   # Touvron et al. 2023 "Llama 2" rejection sampling).
@@ -119,6 +155,10 @@ def _shrink(c):
   c.label.update(k=3, batch_size=16)
   c.ppo.update(iterations=3, rollout_batch=8, minibatches=2, epochs=1, response_len=16,
                eval_every=2, ckpt_every=2, ptx_batch=4)
+  c.dpo.update(steps=4, batch_size=8, eval_every=2, log_every=1, ckpt_every=2, eval_batches=2,
+               response_len=16)
+  c.grpo.update(iterations=3, prompts_per_iteration=4, k=2, minibatches=2, response_len=16,
+                eval_every=2, ckpt_every=2)
   c.best_of_k.update(eval_pool=4, rounds=2, k=2, prompts_per_round=16, sample_batch=8)
   c.best_of_k.train.update(steps=4, batch_size=8, log_every=2, ckpt_every=4)
   c.evaluate.batch_size = 8
@@ -142,6 +182,11 @@ def _grow(c):
                log_every=5)
   c.ppo.opt.lr = 2e-5
   c.ppo.critic_lr = 5e-5
+  c.dpo.update(steps=300, batch_size=64, eval_every=50, ckpt_every=50, log_every=10)
+  c.dpo.opt.lr = 2e-5
+  c.grpo.update(iterations=100, prompts_per_iteration=32, k=8, eval_every=10, ckpt_every=10,
+                log_every=5)
+  c.grpo.opt.lr = 2e-5
   c.best_of_k.update(eval_pool=64, rounds=4, k=16, prompts_per_round=1024, sample_batch=256)
   c.best_of_k.train.update(steps=200, batch_size=64, ckpt_every=100, log_every=20)
   c.best_of_k.train.opt.lr = 5e-5

@@ -1,29 +1,33 @@
-"""Ablation: PPO (several KL coefficients, adaptive KL) versus best-of-K fine-tuning at matched compute.
+"""Ablation: PPO, best-of-K, DPO / IPO and GRPO / RLOO / Dr. GRPO at matched compute.
 
-  python -m experiments.ppo_vs_bok --workdir runs/ppo_vs_bok [--config configs/tiny.py] \
-      [--seeds 3] [--match flops|tokens] [--budget N] [--arms ppo_kl0,bok_k4,...] [--quick]
+  python -m experiments.ppo_vs_bok --workdir runs/ablation [--config configs/tiny.py] \
+      [--seeds 3] [--match flops|tokens] [--budget N] [--arms all|ppo_kl0,dpo_b0.1,...] [--quick]
 
 1. The shared stages (pretrain, sft, label, reward) run once, seed 0, in DIR/shared.
-2. Every arm runs one RL stage in DIR/arms/<arm>/seed<S>/, a pipeline workdir whose
+2. Every arm runs one policy stage in DIR/arms/<arm>/seed<S>/, a pipeline workdir whose
    pretrain/sft/label/reward dirs and tokenizer.model are symlinks to DIR/shared
    (its config.json is the arm's config; model/data must equal the shared ones).
-   Arms: `ppo_kl<beta>` (fixed KL coefficient, 0 = no KL penalty), `ppo_adaptive`
-   (Ziegler et al. 2019 controller from config.ppo.kl_coef), `bok_k<K>` (best-of-K
-   fine-tuning; its stage also records the best-of-n curve of the SFT policy).
-3. Matched compute: each arm's PPO iterations / best-of-K rounds are chosen to spend
+   Arms come from the registry in experiments/arms.py (name pattern -> stage, config
+   overrides, compute estimate): `ppo_kl<beta>`, `ppo_adaptive`, `bok_k<K>` (best-of-K
+   fine-tuning; its stage also records the best-of-n curve of the SFT policy),
+   `dpo_b<beta>`, `ipo_b<beta>`, `grpo_k<K>`, `rloo_k<K>`, `drgrpo_k<K>`.
+3. Matched compute: each arm's iterations / rounds / steps are chosen to spend
    about `--budget` FLOPs (or sampled tokens with --match tokens); the default budget
    is what 2 x config.ppo.iterations PPO iterations spend (BUDGET_SCALE): twice the
    pipeline's PPO, enough optimisation pressure for over-optimisation to show at KL 0.
-   Both figures are reported.
+   Both figures are reported. DPO samples nothing (its pairs come from the shared
+   label stage, whose sampling is shown apart); its reference pass counts against it.
 4. `--seeds N` runs each arm with config.seed = 0..N-1. config.seed only changes the
-   RL stage's randomness (the stage's RNG key and batch order); the data (prompts,
+   arm's randomness (the stage's RNG key and batch order); the data (prompts,
    corpus, demonstrations, annotator noise) come from config.data.seed, and the
    shared stages stay at seed 0, so seeds differ only in the arm itself.
-5. DIR/report.md: final gold / proxy / KL / FLOPs / sampled tokens per arm (mean ±
-   std over seeds), frontier plots with Gao et al. (2022) fits, and which arms
-   over-optimised (gold peaked while the proxy kept rising).
+5. DIR/report.md: per arm peak gold and the KL where it peaked, final gold / proxy /
+   KL, gold gain per PFLOP, FLOPs and sampled tokens (mean ± std over seeds), frontier
+   plots of every method with Gao et al. (2022) fits, and which arms over-optimised
+   (gold peaked while the proxy kept rising).
 
-Re-running the same command continues: finished arms are skipped.
+Default arms: DEFAULT_ARMS (sized for about 30 minutes on 2 CPU cores); `--arms all`
+runs ALL_ARMS. Re-running the same command continues: finished arms are skipped.
 """
 from __future__ import annotations
 
@@ -39,10 +43,13 @@ import warnings
 
 import numpy as np
 
+from experiments import arms as registry
 from rlhf_jax import report as rp
 
 SHARED_STAGES = ("pretrain", "sft", "label", "reward")
-DEFAULT_ARMS = "ppo_kl0,ppo_kl0.02,ppo_kl0.1,ppo_adaptive,bok_k4,bok_k16"
+DEFAULT_ARMS = "ppo_kl0,ppo_kl0.02,ppo_adaptive,bok_k4,dpo_b0.1,ipo_b0.1,grpo_k4,rloo_k4"
+ALL_ARMS = ("ppo_kl0,ppo_kl0.02,ppo_kl0.1,ppo_adaptive,bok_k4,bok_k16,dpo_b0.1,dpo_b0.5,ipo_b0.1,"
+            "grpo_k4,grpo_k8,rloo_k4,drgrpo_k4")
 QUICK_ARMS = "ppo_kl0,ppo_adaptive,bok_k4"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,16 +69,9 @@ def load_config(spec: str):
 
 
 def parse_arm(name: str) -> tuple[str, dict]:
-  """Arm name -> (stage, {dotted config key: value})."""
-  if name == "ppo_adaptive":
-    return "ppo", {"ppo.kl_mode": "adaptive"}
-  m = re.fullmatch(r"ppo_kl([0-9.]+(?:e-?\d+)?)", name)
-  if m:
-    return "ppo", {"ppo.kl_mode": "fixed", "ppo.kl_coef": float(m.group(1))}
-  m = re.fullmatch(r"bok_k(\d+)", name)
-  if m and int(m.group(1)) >= 1:
-    return "best_of_k", {"best_of_k.k": int(m.group(1))}
-  raise ValueError(f"unknown arm {name!r}: use ppo_kl<beta>, ppo_adaptive or bok_k<K>")
+  """Arm name -> (stage, {dotted config key: value}), from the registry in experiments/arms.py."""
+  kind, overrides = registry.lookup(name)
+  return kind.stage, overrides
 
 
 def _set(cfg, dotted: str, value) -> None:
@@ -90,28 +90,7 @@ def _get(cfg, dotted: str):
 
 
 # ------------------------------------------------------- compute planning
-def ppo_compute(cfg, model_cfg) -> dict:
-  """Per PPO iteration (the stage's own estimate)."""
-  from rlhf_jax.stages.ppo import compute_per_iteration
-  return compute_per_iteration(cfg, model_cfg, cfg.data.prompt_len)
-
-
-def bok_compute(cfg, model_cfg) -> dict:
-  """Per best-of-K round, with the conventions of `stages.best_of_k._round_compute`.
-
-  tokens_sampled = prompts_per_round * K * response_len. FLOPs: sampling and
-  reward-model scoring one forward per prompt+response token each, plus the
-  fine-tuning's train.steps * batch_size * (prompt_len + response_len) tokens at
-  3 forwards per token (which does not depend on K).
-  """
-  from rlhf_jax.model.transformer import flops_per_token
-  b, resp = cfg.best_of_k, cfg.ppo.response_len
-  seq = cfg.data.prompt_len + resp
-  samples = b.prompts_per_round * b.k
-  trained = b.train.steps * b.train.batch_size * seq
-  return {"tokens_sampled": samples * resp, "tokens_trained": trained,
-          "flops": 2 * samples * seq * flops_per_token(model_cfg, seq) / 3
-                   + trained * flops_per_token(model_cfg, seq)}
+ppo_compute, bok_compute = registry.ppo_compute, registry.bok_compute
 
 
 BUDGET_SCALE = 2  # default budget, in units of the pipeline's PPO compute
@@ -133,21 +112,21 @@ def plan_arms(cfg, arms: list[str], model_cfg, *, match: str = "flops", budget: 
     budget = BUDGET_SCALE * cfg.ppo.iterations * ppo_compute(cfg, model_cfg)[unit]
   plans = []
   for name in arms:
-    stage, overrides = parse_arm(name)
+    kind, overrides = registry.lookup(name)
     arm_cfg = cfg.copy_and_resolve_references()
     for k, v in overrides.items():
       _set(arm_cfg, k, v)
-    if stage == "ppo":
-      per = ppo_compute(arm_cfg, model_cfg)
-      steps = max(1, int(round(budget / per[unit])))
-      overrides = {**overrides, "ppo.iterations": steps}
-    else:
-      per = bok_compute(arm_cfg, model_cfg)
-      steps = max(min_rounds, int(round(budget / per[unit])))
-      overrides = {**overrides, "best_of_k.rounds": steps}
-    plans.append({"arm": name, "stage": stage, "overrides": overrides, "steps": steps,
-                  "est_flops": steps * per["flops"], "est_tokens_sampled": steps * per["tokens_sampled"],
-                  "budget_ratio": steps * per[unit] / budget})
+    per = kind.compute(arm_cfg, model_cfg)
+    # Spent once before the first step (DPO's reference log-probs) counts against the budget.
+    once = per.get("offline_flops", 0.0) if unit == "flops" else 0.0
+    min_steps = min_rounds if kind.stage == "best_of_k" else kind.min_steps
+    steps = max(min_steps, int(round((budget - once) / per[unit])))
+    overrides = {**overrides, kind.steps_key: steps}
+    plans.append({"arm": name, "stage": kind.stage, "overrides": overrides, "steps": steps,
+                  "unit": kind.unit,
+                  "est_flops": steps * per["flops"] + per.get("offline_flops", 0.0),
+                  "est_tokens_sampled": steps * per["tokens_sampled"],
+                  "budget_ratio": (steps * per[unit] + once) / budget})
   return budget, plans
 
 
@@ -210,11 +189,15 @@ def arm_result(workdir: str, stage: str) -> dict | None:
   s = rp.load_summary(workdir, stage)
   if s is None:
     return None
-  if stage == "ppo":
+  if stage != "best_of_k":  # the policy stages: PPO-shaped eval_points with cumulative compute
     pts = sorted(s.get("eval_points") or [], key=lambda p: rp.num(p.get("iteration")))
-    iters = rp.num(s.get("iterations"))
-    flops = rp.num(s.get("flops_per_iteration")) * iters
-    tokens = rp.num(s.get("tokens_sampled_per_iteration")) * iters
+    if stage == "dpo":  # offline: reference log-probs once, no sampling (the label stage's is shared)
+      flops = rp.num(s.get("offline_flops")) + rp.num(s.get("flops_per_step")) * rp.num(s.get("steps"))
+      tokens = 0.0
+    else:
+      iters = rp.num(s.get("iterations"))
+      flops = rp.num(s.get("flops_per_iteration")) * iters
+      tokens = rp.num(s.get("tokens_sampled_per_iteration")) * iters
     curve = [(p.get("kl"), p.get("gold_reward"), p.get("proxy_reward"), p.get("flops")) for p in pts]
   else:
     rounds = sorted(s.get("rounds") or [], key=lambda r: rp.num(r.get("round")))
@@ -225,7 +208,13 @@ def arm_result(workdir: str, stage: str) -> dict | None:
               rp.first_finite(s.get("sft_proxy_reward"), bon1.get("proxy")), 0.0)]
     curve += [(r.get("kl"), r.get("gold_reward"), r.get("proxy_reward"), r.get("flops")) for r in rounds]
   c = np.array([[rp.num(v) for v in row] for row in curve], dtype=np.float64).reshape(-1, 4)
-  return {"gold": rp.num(s.get("gold_reward")), "proxy": rp.num(s.get("proxy_reward")),
+  gold = np.where(np.isfinite(c[:, 1]), c[:, 1], -np.inf)
+  peak = int(np.argmax(gold)) if len(gold) else 0
+  return {"peak_gold": rp.num(c[peak, 1]) if len(c) else float("nan"),
+          "kl_at_peak": rp.num(c[peak, 0]) if len(c) else float("nan"),
+          "sft_gold": rp.num(c[0, 1]) if len(c) else float("nan"),
+          "label_flops": rp.num(s.get("label_flops")) if stage == "dpo" else 0.0,
+          "gold": rp.num(s.get("gold_reward")), "proxy": rp.num(s.get("proxy_reward")),
           "kl": rp.num(s.get("kl")), "flops": flops, "tokens_sampled": tokens,
           "d": rp.sqrt_kl(c[:, 0]), "curve_gold": c[:, 1], "curve_proxy": c[:, 2],
           "curve_flops": c[:, 3], "bon_curve": s.get("bon_curve") if stage == "best_of_k" else None}
@@ -343,28 +332,38 @@ def write_report(workdir: str, args, budget: float, plans: list[dict], seeds: li
   results = {p["arm"]: [arm_result(os.path.join(workdir, "arms", p["arm"], f"seed{s}"), p["stage"])
                         for s in seeds] for p in plans}
   unit = "FLOPs" if args.match == "flops" else "sampled tokens"
-  md = ["# PPO versus best-of-K at matched compute", "",
+  md = ["# RLHF methods at matched compute: PPO, best-of-K, DPO / IPO, GRPO / RLOO / Dr. GRPO", "",
         f"Config `{args.config}`, seeds {seeds}, matched on {unit}: budget {rp.fmt(budget)} per arm "
-        "(estimates: `stages.ppo.compute_per_iteration`, and the best-of-K stage's per-round "
-        "formula). Shared stages (pretrain, sft, label, reward) ran once at seed 0 in `shared/`; "
+        "(estimates: each stage's own accounting, `experiments/arms.py`; DPO's reference "
+        "log-probs, computed once, count against its budget). Shared stages (pretrain, sft, label, reward) ran once at seed 0 in `shared/`; "
         "config.seed changes only the arm's RL randomness, the data come from config.data.seed.", ""]
   rows = []
   for p in plans:
     rs = [r for r in results[p["arm"]] if r is not None]
-    what = f"{p['steps']} {'iterations' if p['stage'] == 'ppo' else 'rounds'}"
+    what = f"{p['steps']} {p.get('unit') or ('iterations' if p['stage'] == 'ppo' else 'rounds')}"
     if not rs:
-      rows.append([p["arm"], what, "—", "—", "—", rp.fmt(p["est_flops"]), rp.fmt(p["est_tokens_sampled"]), "0"])
+      rows.append([p["arm"], what, "—", "—", "—", "—", "—", "—", rp.fmt(p["est_flops"]),
+                   rp.fmt(p["est_tokens_sampled"]), "—", "0"])
       continue
-    rows.append([p["arm"], what, pm([r["gold"] for r in rs]), pm([r["proxy"] for r in rs]),
-                 pm([r["kl"] for r in rs]), pm([r["flops"] for r in rs]),
-                 pm([r["tokens_sampled"] for r in rs]), str(len(rs))])
+    per_pflop = [(r["gold"] - r["sft_gold"]) / (r["flops"] / 1e15) if r["flops"] > 0 else float("nan")
+                 for r in rs]
+    rows.append([p["arm"], what, pm([r["peak_gold"] for r in rs]), pm([r["kl_at_peak"] for r in rs]),
+                 pm([r["gold"] for r in rs]), pm([r["proxy"] for r in rs]),
+                 pm([r["kl"] for r in rs]), pm(per_pflop), pm([r["flops"] for r in rs]),
+                 pm([r["tokens_sampled"] for r in rs]),
+                 pm([r["label_flops"] for r in rs]) if p["stage"] == "dpo" else "—", str(len(rs))])
   bon = bon_method([r for p in plans if p["stage"] == "best_of_k" for r in results[p["arm"]]])
   if bon is not None:
-    rows.append([f"best-of-n, n={bon['n'][-1]}", "SFT samples", rp.fmt(bon["gold"][-1]),
-                 rp.fmt(bon["proxy"][-1]), rp.fmt(bon["d"][-1] ** 2) + " (bound)", "—",
-                 "—", "—"])
+    rows.append([f"best-of-n, n={bon['n'][-1]}", "SFT samples", "—", "—", rp.fmt(bon["gold"][-1]),
+                 rp.fmt(bon["proxy"][-1]), rp.fmt(bon["d"][-1] ** 2) + " (bound)", "—", "—",
+                 "—", "—", "—"])
   md += ["## Final figures (held-out prompts; mean ± std over seeds)", ""]
-  md += rp.table(["arm", "spent", "gold", "proxy", "KL from SFT", "FLOPs", "tokens sampled", "seeds"], rows)
+  md += rp.table(["arm", "spent", "peak gold", "KL at peak", "gold", "proxy", "KL from SFT",
+                  "gold gain / PFLOP", "FLOPs", "tokens sampled", "label FLOPs (shared)", "seeds"], rows)
+  md += ["Peak gold: the best held-out evaluation on the arm's way (SFT included), with the KL "
+         "where it was reached; gold gain / PFLOP: (final gold - SFT gold) per 10^15 FLOPs. "
+         "DPO's FLOPs include its reference pass; the label stage's sampling (K SFT samples per "
+         "reward prompt, shared with the reward model every arm uses) is shown apart.", ""]
   sft_gold = [r["curve_gold"][0] for rs in results.values() for r in rs if r is not None]
   md += [f"SFT policy: gold {pm(sft_gold)}. FLOPs and tokens are the stages' own accounting "
          "(upper bounds: full response length); planned vs budget: "
@@ -382,12 +381,12 @@ def write_report(workdir: str, args, budget: float, plans: list[dict], seeds: li
   md += ["## Frontier", ""]
   if methods:
     png, fits = rp.plot_frontier(methods, workdir, "frontier.png",
-                                 title="PPO vs best-of-K: mean over seeds (bars: std)")
+                                 title="Every method: mean over seeds (bars: std)")
     md += [f"![frontier]({png})", "",
            "d = sqrt(KL(policy || SFT)) on held-out prompts (best-of-n: the bound log n - (n-1)/n). "
            "Dashed: Gao et al. (2022) fits to every seed's points, relative to the SFT policy "
-           "(reward - reward at d = 0): R_rl(d) = d (a - b log d) for PPO and best-of-K "
-           "fine-tuning, R_bon(d) = d (a - b d) for best-of-n.", ""]
+           "(reward - reward at d = 0): R_rl(d) = d (a - b log d) for the trained policies "
+           "(PPO, best-of-K fine-tuning, DPO, GRPO), R_bon(d) = d (a - b d) for best-of-n.", ""]
     if fits:
       md += rp.table(["arm", "quantity", "form", "a", "b", "peak d*", "max d seen", "points"],
                      [[f["method"], f["quantity"], f["form"], rp.fmt(f["a"]), rp.fmt(f["b"]),
@@ -442,7 +441,8 @@ def parse_args(argv=None):
   p.add_argument("--budget", type=float, default=None,
                  help="per-arm FLOPs (or sampled tokens with --match tokens); "
                       "default: what 2 x config.ppo.iterations PPO iterations spend")
-  p.add_argument("--arms", default=None, help=f"comma-separated (default {DEFAULT_ARMS})")
+  p.add_argument("--arms", default=None,
+                 help=f"comma-separated, or 'all' ({ALL_ARMS}); default {DEFAULT_ARMS}")
   p.add_argument("--min_rounds", type=int, default=2, help="fewest best-of-K rounds per arm")
   p.add_argument("--quick", action="store_true",
                  help=f"smoke test: configs/tiny.py:test sizes, arms {QUICK_ARMS}, 1 seed")
@@ -454,6 +454,8 @@ def parse_args(argv=None):
   if a.quick and ":" not in a.config:
     a.config += ":test"
   a.seeds = a.seeds if a.seeds is not None else 1
+  if a.arms == "all":
+    a.arms = ALL_ARMS
   a.arms = [s.strip() for s in (a.arms or (QUICK_ARMS if a.quick else DEFAULT_ARMS)).split(",") if s.strip()]
   if a.seeds < 1:
     p.error("--seeds must be >= 1")

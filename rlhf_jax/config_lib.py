@@ -10,7 +10,7 @@ import math
 
 import ml_collections as mlc
 
-STAGES = ("pretrain", "sft", "label", "reward", "ppo", "best_of_k", "evaluate")
+STAGES = ("pretrain", "sft", "label", "reward", "ppo", "best_of_k", "dpo", "grpo", "evaluate")
 
 
 class ConfigError(ValueError):
@@ -227,5 +227,58 @@ def _validate_rl(config, dp: int, n_processes: int) -> None:
                n_processes)
   _validate_opt(config, "best_of_k.train.opt")
   _check_batch(config, "evaluate.batch_size", config.evaluate.batch_size, dp, n_processes)
+  if "dpo" in config:
+    _validate_dpo(config, dp, n_processes)
+  if "grpo" in config:
+    _validate_grpo(config, dp, n_processes)
   if math.isnan(config.ppo.missing_eos_penalty):
     _fail("ppo.missing_eos_penalty", "must be a number")
+
+
+def _response_len(config, key: str) -> None:
+  _positive(config, key)
+  section, field = key.split(".")
+  total = config.data.prompt_len + config[section][field]
+  if total > config.model.max_len:
+    _fail(key, f"data.prompt_len + {key} = {total} exceeds model.max_len={config.model.max_len}")
+
+
+def _validate_dpo(config, dp: int, n_processes: int) -> None:
+  _validate_train(config, "dpo", dp, n_processes)
+  d = config.dpo
+  _positive(config, "dpo.beta")
+  _choice(config, "dpo.loss_type", ("sigmoid", "ipo"))
+  _choice(config, "dpo.pairs", ("all", "best_vs_rest"))
+  if not 0.0 <= d.label_smoothing < 0.5:
+    _fail("dpo.label_smoothing", f"must be in [0, 0.5) (the flip probability), got {d.label_smoothing}")
+  if d.loss_type == "ipo" and d.label_smoothing:
+    _fail("dpo.label_smoothing", "applies to loss_type=sigmoid only (cDPO); IPO has no labels to smooth")
+  if not 0.0 < d.eval_frac < 1.0:
+    _fail("dpo.eval_frac", f"must be in (0, 1), got {d.eval_frac}")
+  _response_len(config, "dpo.response_len")
+
+
+def _validate_grpo(config, dp: int, n_processes: int) -> None:
+  g = config.grpo
+  for key in ("iterations", "prompts_per_iteration", "minibatches", "epochs", "log_every",
+              "ckpt_every"):
+    _positive(config, f"grpo.{key}")
+  if g.k < 2:
+    _fail("grpo.k", f"a group needs K >= 2 samples per prompt (the baseline), got {g.k}")
+  n = g.prompts_per_iteration * g.k  # sequences per rollout
+  if n % (dp * g.minibatches) or g.prompts_per_iteration % n_processes:
+    _fail("grpo.prompts_per_iteration", f"prompts_per_iteration x k = {n} must be divisible by "
+          f"data-parallel size x minibatches = {dp * g.minibatches}, and prompts_per_iteration "
+          f"by the {n_processes} processes")
+  _response_len(config, "grpo.response_len")
+  _choice(config, "grpo.advantage", ("grpo", "rloo", "dr_grpo"))
+  _choice(config, "grpo.kl_mode", ("loss", "reward"))
+  _choice(config, "grpo.loss_agg", ("token", "sequence", "constant"))
+  _choice(config, "grpo.nonfinite", ("stop", "skip"))
+  _positive(config, "grpo.kl_coef", allow_zero=True)
+  _positive(config, "grpo.clip_eps")
+  if g.temperature <= 0:
+    _fail("grpo.temperature", f"must be > 0, got {g.temperature}")
+  if math.isnan(g.missing_eos_penalty):
+    _fail("grpo.missing_eos_penalty", "must be a number")
+  _validate_opt(config, "grpo.opt")

@@ -1,7 +1,8 @@
 """Supervised losses: language modelling (pretrain / SFT) and reward-model ranking.
 
 Pure functions of arrays; every reduction is done in float32 so bf16 logits are safe.
-The RL losses (PPO policy / value) live in `rlhf_jax/rl.py`.
+The RL losses (PPO policy / value) live in `rlhf_jax/rl.py`; `dpo_loss` (DPO / cDPO / IPO)
+is here because it is a supervised loss on preference pairs.
 """
 import jax
 import jax.numpy as jnp
@@ -99,3 +100,42 @@ def entropy_from_logits(logits, mask=None):
     return ent
   m = mask.astype(jnp.float32)
   return jnp.sum(ent * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             beta, *, loss_type="sigmoid", label_smoothing=0.0):
+  """Direct preference optimisation losses over N pairs of summed response log-probs.
+
+  h = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected), the difference of
+  the implicit rewards r = beta * log(pi / pi_ref) divided by beta.
+    "sigmoid": -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h)
+               (DPO, Rafailov et al. 2023 eq. 7; ls > 0 is conservative DPO,
+               Mitchell 2023, "A note on DPO with noisy preferences": the label
+               is assumed flipped with probability ls).
+    "ipo":     (h - 1 / (2 beta))^2 (IPO, Azar et al. 2023 eq. 17: regresses the
+               log-ratio gap to a finite target instead of pushing it to infinity).
+  Each a mean over pairs. Returns (loss, metrics) with accuracy (share of pairs
+  with h > 0), the implicit rewards beta * (pi - ref) of chosen / rejected and their
+  margin, and the policy's chosen / rejected log-probs.
+  """
+  pc, pr = _f32(policy_chosen_logps), _f32(policy_rejected_logps)
+  rc, rr = _f32(ref_chosen_logps), _f32(ref_rejected_logps)
+  beta = jnp.float32(beta)
+  h = (pc - rc) - (pr - rr)
+  if loss_type == "sigmoid":
+    ls = jnp.float32(label_smoothing)
+    per = -(1.0 - ls) * jax.nn.log_sigmoid(beta * h) - ls * jax.nn.log_sigmoid(-beta * h)
+  elif loss_type == "ipo":
+    per = jnp.square(h - 1.0 / (2.0 * beta))
+  else:
+    raise ValueError(f"dpo_loss: loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
+  loss = jnp.mean(per)
+  chosen_r, rejected_r = beta * (pc - rc), beta * (pr - rr)
+  return loss, {"loss": loss, "accuracy": jnp.mean((h > 0).astype(jnp.float32)),
+                "chosen_reward": jnp.mean(chosen_r), "rejected_reward": jnp.mean(rejected_r),
+                "margin": jnp.mean(chosen_r - rejected_r),
+                "chosen_logp": jnp.mean(pc), "rejected_logp": jnp.mean(pr)}
+
+
+def _f32(x):
+  return jnp.asarray(x, jnp.float32)

@@ -35,6 +35,8 @@ REQUIRES = {
     "reward": ("sft", "label"),
     "ppo": ("sft", "reward"),
     "best_of_k": ("sft", "reward"),
+    "dpo": ("sft", "label", "reward"),  # label's rankings; the reward model for held-out proxy
+    "grpo": ("sft", "reward"),
     "evaluate": ("sft", "reward"),
 }
 
@@ -79,8 +81,9 @@ def _stage_requires(config, name: str):
   req = REQUIRES[name]
   if name == "sft" and config.model.hf:
     req = ()  # starts from the Hugging Face weights unless pretrain ran (stages/common.base_params)
-  if name == "reward" and config.data.source == "files" and config.data.files.ranking:
-    req = ("sft",)  # real rankings instead of the label stage
+  if (name in ("reward", "dpo") and config.data.source == "files"
+      and config.data.files.ranking):  # real rankings instead of the label stage
+    req = tuple(r for r in req if r != "label")
   return req
 
 
@@ -317,6 +320,6 @@ def _run_stages(ctx, stages, guard) -> None:
     if guard.requested() and name != stages[-1]:
       raise loop.Preempted(f"{name}: finished and saved, then preempted (SIGTERM); re-run the "
                            f"same command to continue with the next stage")
-  if "evaluate" in stages or set(stages) >= {"ppo", "best_of_k"}:
+  if "evaluate" in stages or set(stages) >= {"ppo", "best_of_k"} or set(stages) & {"dpo", "grpo"}:
     from rlhf_jax import report
     report.write_report(ctx)

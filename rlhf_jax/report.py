@@ -22,6 +22,8 @@ import numpy as np
 from rlhf_jax import best_of_k as bok_math
 
 STAGES = ("pretrain", "sft", "label", "reward", "ppo", "best_of_k", "evaluate")
+# Policy stages whose summaries hold `eval_points` (iteration, gold, proxy, kl) for the frontier.
+POLICY_STAGES = ("ppo", "dpo", "grpo")
 FIGSIZE, DPI = (8, 5), 100  # 800 x 500 pixels
 
 
@@ -204,20 +206,21 @@ def frontier_points(workdir: str) -> dict:
   """Per method: arrays d, gold, proxy, x (iteration / n / round) in order, and the
   SFT baselines gold0, proxy0 (the values at d = 0) the Gao fits are relative to."""
   out = {}
-  ppo = load_summary(workdir, "ppo") or {}
   bk = load_summary(workdir, "best_of_k") or {}
-  pts = sorted([p for p in ppo.get("eval_points") or [] if isinstance(p, dict)],
-               key=lambda p: num(p.get("iteration")))
-  if pts:
-    at0 = pts[0] if num(pts[0].get("kl")) == 0 else {}
-    out["ppo"] = dict(
-        d=sqrt_kl([num(p.get("kl")) for p in pts]),
-        gold=np.array([num(p.get("gold_reward")) for p in pts]),
-        proxy=np.array([num(p.get("proxy_reward")) for p in pts]),
-        x=np.array([num(p.get("iteration")) for p in pts]),
-        gold0=first_finite(at0.get("gold_reward"), ppo.get("sft_gold_reward")),
-        proxy0=first_finite(at0.get("proxy_reward"), ppo.get("sft_proxy_reward")),
-        label="PPO (held-out evals)", form="rl")
+  for stage in POLICY_STAGES:  # stages whose summary carries PPO-shaped eval_points
+    ppo = load_summary(workdir, stage) or {}
+    pts = sorted([p for p in ppo.get("eval_points") or [] if isinstance(p, dict)],
+                 key=lambda p: num(p.get("iteration")))
+    if pts:
+      at0 = pts[0] if num(pts[0].get("kl")) == 0 else {}
+      out[stage] = dict(
+          d=sqrt_kl([num(p.get("kl")) for p in pts]),
+          gold=np.array([num(p.get("gold_reward")) for p in pts]),
+          proxy=np.array([num(p.get("proxy_reward")) for p in pts]),
+          x=np.array([num(p.get("iteration")) for p in pts]),
+          gold0=first_finite(at0.get("gold_reward"), ppo.get("sft_gold_reward")),
+          proxy0=first_finite(at0.get("proxy_reward"), ppo.get("sft_proxy_reward")),
+          label=f"{stage.upper()} (held-out evals)", form="rl")
   curve = sorted([c for c in bk.get("bon_curve") or [] if isinstance(c, dict)],
                  key=lambda c: num(c.get("n")))
   n1 = curve[0] if curve and num(curve[0].get("n")) == 1 else {}
@@ -262,7 +265,7 @@ def save(fig, out_dir: str, name: str) -> str:
   return name
 
 
-COLORS = {"ppo": "C0", "best_of_n": "C1", "best_of_k": "C2"}
+COLORS = {"ppo": "C0", "best_of_n": "C1", "best_of_k": "C2", "dpo": "C3", "grpo": "C4"}
 
 
 def plot_frontier(methods: dict, out_dir: str, name: str = "frontier.png",
@@ -500,6 +503,12 @@ def _headline(workdir: str, missing: list) -> list[str]:
       md += ["Best-of-n on held-out prompts (unbiased estimate from one pool per prompt):", ""]
       keys = present_keys(["n", "kl_bound", "sqrt_kl", "gold", "proxy"], curve)
       md += table(keys, [[fmt(c.get(k)) for k in keys] for c in curve])
+  for name in POLICY_STAGES[1:]:
+    s = load_summary(workdir, name)
+    if s is not None:
+      md += [f"**{name}**: SFT gold {fmt(s.get('sft_gold_reward'))} → gold {fmt(s.get('gold_reward'))}, "
+             f"proxy {fmt(s.get('proxy_reward'))}, KL {fmt(s.get('kl'))}, win rate vs SFT "
+             f"{fmt(s.get('win_rate_vs_sft'))}.", ""]
   s = load_summary(workdir, "evaluate")
   if s is not None:
     pols = [p for p in s.get("policies") or [] if isinstance(p, dict)]

@@ -8,7 +8,9 @@ host-side KL controller classes), computed in float32.
 Sources: Ziegler et al. 2019 ("Fine-tuning LMs from human preferences", the
 lm-human-preferences code), Stiennon et al. 2020, InstructGPT (Ouyang et al.
 2022), Schulman et al. 2017 (PPO), Schulman et al. 2015 (GAE), Huang et al. 2024
-("The N+ implementation details of RLHF with PPO").
+("The N+ implementation details of RLHF with PPO"); for the critic-free group
+baselines GRPO (Shao et al. 2024), RLOO (Ahmadian et al. 2024), Dr. GRPO (Liu et
+al. 2025) and DAPO's token-level aggregation (Yu et al. 2025).
 """
 import jax
 import jax.numpy as jnp
@@ -179,10 +181,61 @@ def gae(rewards, values, mask, gamma, lam):
   return advantages, advantages + _f32(values)
 
 
+# ------------------------------------------------------------ group baselines
+
+def group_advantages(scores, method, eps=1e-6):
+  """Critic-free advantages from K samples of each prompt: scores [B, K] -> [B, K].
+
+  "grpo":    (s - mean) / (std + eps) over the group, std with ddof = 1 like the
+             GRPO reference code's torch.std (Shao et al. 2024, sec. 4.1.2);
+  "rloo":    s_i minus the mean of the other K - 1 samples (REINFORCE leave-one-out,
+             Kool et al. 2019; Ahmadian et al. 2024), = K / (K - 1) * (s - mean);
+  "dr_grpo": s - mean, no division by the std (Dr. GRPO, Liu et al. 2025: the std
+             up-weights prompts that are too easy or too hard).
+  Needs K >= 2 (a group of one has no baseline).
+  """
+  s = _f32(scores)
+  k = s.shape[-1]
+  if k < 2:
+    raise ValueError(f"group_advantages needs K >= 2 samples per prompt, got {k}")
+  mean = jnp.mean(s, axis=-1, keepdims=True)
+  if method == "grpo":
+    std = jnp.std(s, axis=-1, keepdims=True, ddof=1)
+    return (s - mean) / (std + eps)
+  if method == "rloo":
+    return s - (jnp.sum(s, axis=-1, keepdims=True) - s) / (k - 1)
+  if method == "dr_grpo":
+    return s - mean
+  raise ValueError(f"group advantage method must be 'grpo', 'rloo' or 'dr_grpo', got {method!r}")
+
+
 # ---------------------------------------------------------------------- losses
 
-def policy_loss(logp, old_logp, advantages, mask, clip_eps):
-  """PPO clipped surrogate (Schulman et al. 2017, eq. 7), masked token mean.
+def aggregate(per_token, mask, mode="token"):
+  """Reduce a per-token loss [B, T] to a scalar over the valid tokens.
+
+  "token":    sum over all valid tokens / their number (PPO as in lm-human-preferences;
+              DAPO, Yu et al. 2025, sec. 3.3: long responses are not down-weighted);
+  "sequence": mean over each response's tokens, then over responses (GRPO, Shao et
+              al. 2024, eq. 3: the 1/|o_i| factor);
+  "constant": sum over each response's tokens / T (the fixed response budget), then
+              mean over responses (Dr. GRPO, Liu et al. 2025: no length normalisation,
+              so the gradient does not favour long wrong answers and short right ones).
+  """
+  m = _f32(mask)
+  x = _f32(per_token) * m
+  if mode == "token":
+    return masked_mean(per_token, mask)
+  if mode == "sequence":
+    return jnp.mean(jnp.sum(x, -1) / jnp.maximum(jnp.sum(m, -1), 1.0))
+  if mode == "constant":
+    return jnp.mean(jnp.sum(x, -1) / m.shape[-1])
+  raise ValueError(f"loss aggregation must be 'token', 'sequence' or 'constant', got {mode!r}")
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip_eps, agg="token"):
+  """PPO clipped surrogate (Schulman et al. 2017, eq. 7), reduced by `aggregate`
+  (PPO: the masked token mean; GRPO-family stages choose).
 
   Returns (loss, {'clipfrac', 'approxkl', 'ratio'}); approxkl is
   0.5 * mean((logp - old_logp)^2) as logged by lm-human-preferences.
@@ -192,7 +245,7 @@ def policy_loss(logp, old_logp, advantages, mask, clip_eps):
   adv = _f32(advantages)
   pg1 = -adv * ratio
   pg2 = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-  loss = masked_mean(jnp.maximum(pg1, pg2), mask)
+  loss = aggregate(jnp.maximum(pg1, pg2), mask, agg)
   return loss, {
       'clipfrac': masked_mean((pg2 > pg1).astype(jnp.float32), mask),
       'approxkl': 0.5 * masked_mean(jnp.square(log_ratio), mask),

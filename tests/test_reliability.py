@@ -33,14 +33,16 @@ import pytest
 import helpers as h
 
 HAS_BEST_OF_K = os.path.exists(os.path.join(h.REPO, "rlhf_jax", "stages", "best_of_k.py"))
-STAGES = ["pretrain", "sft", "label", "reward", "ppo"] + (["best_of_k"] if HAS_BEST_OF_K else [])
+STAGES = (["pretrain", "sft", "label", "reward", "ppo"] + (["best_of_k"] if HAS_BEST_OF_K else [])
+          + ["dpo", "grpo"])
 # Small ckpt_every so kills land between, and during, many saves; adaptive KL so the
 # controller's state has to be restored for PPO to resume exactly.
 # Every step logged: more metrics rows to compare, and SIGTERM can follow any step.
 OVERRIDES = ("--config.pretrain.ckpt_every=5", "--config.pretrain.log_every=1",
              "--config.sft.log_every=1", "--config.reward.log_every=1",
              "--config.ppo.ckpt_every=1", "--config.ppo.kl_mode=adaptive",
-             "--config.best_of_k.train.ckpt_every=2", "--config.best_of_k.train.log_every=1")
+             "--config.best_of_k.train.ckpt_every=2", "--config.best_of_k.train.log_every=1",
+             "--config.dpo.ckpt_every=1", "--config.grpo.ckpt_every=1")
 SEED = int(os.environ.get("RLHF_JAX_KILL_SEED", "20240601"))
 TMP_MARK = "orbax-checkpoint-tmp"
 LAUNCH_TIMEOUT = 600
@@ -58,6 +60,8 @@ PLANS = {
     "reward": ["term", "time", "save"],
     "ppo": ["term", "save", "time"],
     "best_of_k": ["time", "term", "save"],
+    "dpo": ["term", "save"],  # reference log-probs are recomputed on resume: must match exactly
+    "grpo": ["save", "time"],
 }
 
 RECORD = {"kills": [], "terms": [], "chains": {}, "nonfinite": []}
@@ -403,7 +407,8 @@ def test_same_config_and_seed_give_identical_results(reference, tmp_path):
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "label", "reward", "ppo",
                                    pytest.param("best_of_k", marks=pytest.mark.skipif(
-                                       not HAS_BEST_OF_K, reason="rlhf_jax/stages/best_of_k.py missing"))])
+                                       not HAS_BEST_OF_K, reason="rlhf_jax/stages/best_of_k.py missing")),
+                                   "dpo", "grpo"])
 def test_killed_and_resumed_matches_uninterrupted(stage, reference, tmp_path):
   rng = random.Random(f"{SEED}-{stage}")
   wd = str(tmp_path / "wd")
@@ -431,6 +436,29 @@ def test_killed_and_resumed_matches_uninterrupted(stage, reference, tmp_path):
     entry.update(launches=chain.launches, kills=len(chain.kills), terms=len(chain.terms),
                  seconds=time.time() - t0, events=chain.events)
   assert chain.kills, f"{stage}: no kill landed ({chain.events})"
+
+
+def test_dpo_and_grpo_land_on_the_frontier(reference, tmp_path):
+  """The reference run's dpo / grpo summaries carry the figures every policy stage reports,
+  its report lists them, and `evaluate` puts them beside SFT (and PPO) on one frontier."""
+  for stage in ("dpo", "grpo"):
+    s = h.read_json(os.path.join(reference, stage, "summary.json"))
+    for key in ("sft_gold_reward", "gold_reward", "proxy_reward", "kl"):
+      assert np.isfinite(s[key]), (stage, key, s[key])
+    pts = s["eval_points"]
+    assert pts[0]["iteration"] == 0 and pts[0]["kl"] == 0.0 and len(pts) >= 2, pts
+    assert pts[-1]["flops"] > 0 and pts[-1]["gold_reward"] == s["gold_reward"], (stage, pts[-1])
+  assert h.read_json(os.path.join(reference, "grpo", "summary.json"))["eval_points"][-1]["tokens_sampled"] > 0
+  assert h.read_json(os.path.join(reference, "dpo", "summary.json"))["offline_flops"] > 0
+  report = open(os.path.join(reference, "report.md")).read()
+  assert "**dpo**" in report and "**grpo**" in report
+  wd = str(tmp_path / "wd")
+  shutil.copytree(reference, wd)
+  p = h.run_cli(wd, *OVERRIDES, "--config.stages=evaluate", timeout=LAUNCH_TIMEOUT)
+  assert p.returncode == 0, p.stderr[-3000:]
+  ev = h.read_json(os.path.join(wd, "evaluate", "summary.json"))
+  assert {"sft", "ppo", "dpo", "grpo"} <= set(ev["arms"]), ev["arms"]
+  assert {"dpo", "grpo"} <= set(ev["frontier"]), list(ev["frontier"])
 
 
 def test_at_least_ten_kills_all_resumed_exactly():

@@ -222,14 +222,9 @@ class DataSources:
       responses_ids = [r["response_ids"] for r in recs]
       ended = [r["ended"] for r in recs]
     else:
-      if from_label:
-        manual, fmt, data_dir = label_dir, "kway", os.path.join(label_dir, "tfds")
-      else:
-        manual, fmt, data_dir = self.cfg.files.ranking, self.cfg.files.ranking_format, None
-      recs, stats = self._records("ranking", manual, "train", config=fmt, data_dir=data_dir)
+      recs, prompts, stats = self.ranking_records(label_dir)
       recs = list(recs)
-      prompt_ids = tok.encode_batch([self.prompt_text(r["prompt"]) if self.synthetic
-                                     else r["prompt"] for r in recs])
+      prompt_ids = tok.encode_batch(prompts)
       responses_ids = [tok.encode_batch(r["responses"]) for r in recs]
       ended = None  # written responses are finished
     ex, counts = batching.reward_examples(
@@ -248,6 +243,18 @@ class DataSources:
             list(ended[i]) if ended is not None else [True] * len(recs[i]["responses"]))
            for i in index[-n_eval:]]
     return (train, evals), raw, {**counts, "skipped_rows": stats.num_skipped}
+
+  def ranking_records(self, label_dir: str | None):
+    """The K-way ranking records `rankings` reads (label stage or data.files.ranking),
+    with each prompt as the model sees it: (records, prompt texts, TFDS read stats).
+    DPO builds its pairs from these (it needs the prompt / response boundary)."""
+    if self.synthetic or not self.cfg.files.ranking:
+      manual, fmt, data_dir = label_dir, "kway", os.path.join(label_dir, "tfds")
+    else:
+      manual, fmt, data_dir = self.cfg.files.ranking, self.cfg.files.ranking_format, None
+    recs, stats = self._records("ranking", manual, "train", config=fmt, data_dir=data_dir)
+    prompts = [self.prompt_text(r["prompt"]) if self.synthetic else r["prompt"] for r in recs]
+    return recs, prompts, stats
 
   # --------------------------------------------------------------------- gold
   @property

@@ -169,20 +169,24 @@ def make_evaluator(ctx, eval_loss: Callable, batches: list[dict]):
 def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_loss: Callable,
                      train_arrays: dict, eval_arrays: dict, init_params: Callable | None,
                      extra_meta: dict | None = None, tokens_per_example: int = 0,
-                     stream: str | None = None) -> tuple[dict, dict]:
+                     stream: str | None = None, extra_eval: Callable | None = None
+                     ) -> tuple[dict, dict]:
   """Train `model` on `train_arrays` with `loss_fn`; returns (summary figures, final state).
 
   init_params(): params to start from (another stage's checkpoint), or None
   for random initialisation. Only called when there is no checkpoint of this
   stage yet; an interrupted run resumes from its own checkpoint instead.
   stream: the batch order's random stream (default: `name`, distinct per stage/round).
+  extra_eval(params) -> dict, if given, is merged into every evaluation (DPO adds the
+  held-out policy figures that put it on the frontier).
   """
   stage_dir = ctx.stage_dir(name)
   optimizer = make_optimizer(tcfg.opt, tcfg.steps)
   key = ctx.key(name)
   ckpt = checkpointer(ctx, name)
-  evaluator = make_evaluator(ctx, eval_loss, eval_batches(eval_arrays, tcfg.batch_size,
+  base_eval = make_evaluator(ctx, eval_loss, eval_batches(eval_arrays, tcfg.batch_size,
                                                           tcfg.eval_batches, ctx.mesh))
+  evaluator = base_eval if extra_eval is None else (lambda p: {**base_eval(p), **extra_eval(p)})
   meta = {**model_meta(ctx), **run_meta(ctx, tcfg), **(extra_meta or {})}
 
   def fresh_state(params):

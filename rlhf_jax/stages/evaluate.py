@@ -1,7 +1,7 @@
 """Stage: the final evaluation, every arm on one gold/proxy-vs-KL frontier.
 
-The SFT policy, PPO's final policy and best-of-K's final policy (whichever
-of `ppo` / `best_of_k` finished) are sampled by ONE PolicyEvaluator on the
+The SFT policy, the final policies of PPO, DPO, GRPO and best-of-K (whichever
+of `ppo` / `dpo` / `grpo` / `best_of_k` finished) are sampled by ONE PolicyEvaluator on the
 held-out prompts: same prompts, key, temperature and response length, so
 the `policies` table compares like with like. The `frontier` gathers the
 points each arm recorded on the way (PPO's periodic evaluations, the
@@ -32,13 +32,18 @@ def _point(label: str, value, gold, proxy, kl, **extra) -> dict:
           "kl": kl, "d": _d(kl), **extra}
 
 
-def frontier(ppo: dict | None, bok_summary: dict | None) -> dict:
+# Policy stages whose summaries hold PPO-shaped `eval_points`; each is one more policy.
+POLICY_STAGES = ("ppo", "dpo", "grpo")
+
+
+def frontier(ppo: dict | None, bok_summary: dict | None, **policy_stages: dict | None) -> dict:
   """Per-arm lists of points from the arms' summaries (None = the arm did not run)."""
   out = {}
-  if ppo is not None:
-    out["ppo"] = [_point("iteration", p["iteration"], p.get("gold_reward"), p["proxy_reward"], p["kl"],
-                         flops=p.get("flops"), tokens_sampled=p.get("tokens_sampled"))
-                  for p in ppo.get("eval_points", [])]
+  for name, s in {"ppo": ppo, **policy_stages}.items():
+    if s is not None:
+      out[name] = [_point("iteration", p["iteration"], p.get("gold_reward"), p["proxy_reward"],
+                          p["kl"], flops=p.get("flops"), tokens_sampled=p.get("tokens_sampled"))
+                   for p in s.get("eval_points", [])]
   if bok_summary is not None:
     out["best_of_n"] = [_point("n", p["n"], p.get("gold"), p["proxy"], p["kl_bound"], kl_is_bound=True)
                         for p in bok_summary["bon_curve"]]
@@ -56,7 +61,7 @@ def fits(points: dict) -> dict:
   PPO, where they were derived. Needs 3 points besides the d = 0 anchor (each form passes
   through it, so it constrains nothing; two parameters fit two points exactly)."""
   out = {}
-  for arm, fit in (("best_of_n", bok.fit_bon), ("ppo", bok.fit_rl)):
+  for arm, fit in (("best_of_n", bok.fit_bon),) + tuple((n, bok.fit_rl) for n in POLICY_STAGES):
     pts = [p for p in points.get(arm, []) if p.get("gold_reward") is not None
            and math.isfinite(p["gold_reward"])]
     if sum(p["d"] > 1e-9 for p in pts) < 3:
@@ -75,11 +80,10 @@ def run(ctx) -> dict:
   evaluator = PolicyEvaluator(ctx, model, reward, sft_params, response_len=cfg.ppo.response_len,
                               temperature=cfg.evaluate.temperature, batch_size=cfg.evaluate.batch_size,
                               log=SampleLog(os.path.join(ctx.stage_dir("evaluate"), "samples.jsonl")))
-  ppo = ctx.summary("ppo") if ctx.is_done("ppo") else None
+  pol = {n: ctx.summary(n) if ctx.is_done(n) else None for n in POLICY_STAGES}
+  ppo = pol["ppo"]
   bok_summary = ctx.summary("best_of_k") if ctx.is_done("best_of_k") else None
-  checkpoints = [("sft", "sft")]
-  if ppo is not None:
-    checkpoints.append(("ppo", "ppo"))
+  checkpoints = [("sft", "sft")] + [(n, n) for n in POLICY_STAGES if pol[n] is not None]
   if bok_summary is not None:
     checkpoints.append(("best_of_k", bok_summary.get("final_checkpoint", "sft")))
 
@@ -92,7 +96,7 @@ def run(ctx) -> dict:
                      "response_length": ev["response_length"], "no_eos_frac": ev["no_eos_frac"]})
     print(f"[evaluate] {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in figures.items()), flush=True)
 
-  points = frontier(ppo, bok_summary)
+  points = frontier(ppo, bok_summary, **{n: pol[n] for n in POLICY_STAGES[1:]})
   summary = {"policies": policies, "frontier": points, "fits": fits(points),
              "arms": [p["name"] for p in policies]}
   for p in policies:  # flat figures for the pipeline's one-line report

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from rlhf_jax import rl
 from rlhf_jax.losses import entropy_from_logits, lm_loss, token_logprobs
 from rlhf_jax.sampling import generate
-from rlhf_jax.stages.policy_eval import reward_scores
+from rlhf_jax.stages.rollout import response_logprobs, sequence_scores
 from rlhf_jax.train.step import accumulate_grads, apply_update
 
 
@@ -60,26 +60,15 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
     tokens, mask, rmask = g["tokens"], g["mask"], g["response_mask"]
     # Recompute the old log-probs with the training forward pass (the sampler's agree
     # to float tolerance; the update's ratio must start at exactly 1).
-    out, _ = _response_logits(model, state["params"], tokens, mask, prompt_len, scalar=shared)
-    old_logp = token_logprobs(out["logits"], tokens, temp)[:, prompt_len - 1:]
-    ref = model.apply({"params": frozen["ref"]}, tokens, mask)
-    ref_logp = token_logprobs(ref["logits"], tokens, temp)[:, prompt_len - 1:]
+    out, old_logp = response_logprobs(model, state["params"], tokens, mask, prompt_len, temp,
+                                      scalar=shared)
+    _, ref_logp = response_logprobs(model, frozen["ref"], tokens, mask, prompt_len, temp)
     if shared:
       values = out["scalar"][:, prompt_len - 1:-1]
     else:
       values = critic_model.apply({"params": state["critic_params"]}, tokens, mask, logits=False,
                                   scalar=True)["scalar"][:, prompt_len - 1:-1]
-    if score_fn is None:
-      # The reward model has the policy's architecture (it is initialised from SFT).
-      score, raw = reward_scores(model, frozen["reward"], tokens, mask, frozen["gain"],
-                                 frozen["bias"])
-    else:
-      score = raw = score_fn(tokens, mask, g["response"], rmask, g["ended"])
-    proxy = score
-    if pc.use_eos_penalty:  # Huang et al. 2024: no EOS -> fixed low score
-      score = jnp.where(g["ended"], score, pc.missing_eos_penalty)
-    if pc.reward_clip > 0:
-      score = jnp.clip(score, -pc.reward_clip, pc.reward_clip)
+    score, proxy, raw = sequence_scores(model, frozen, g, pc, score_fn)
     return dict(tokens=tokens, mask=mask, rmask=rmask, old_logp=old_logp, ref_logp=ref_logp,
                 values=values, score=score, proxy=proxy, raw=raw, ended=g["ended"],
                 response=g["response"])

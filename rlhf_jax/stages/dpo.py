@@ -1,0 +1,184 @@
+"""Stage: direct preference optimisation (DPO, conservative DPO, IPO) from SFT.
+
+Trains the policy on the same comparisons the reward model learns from: the label
+stage's K-way rankings (or real rankings, data.files.ranking). Each ranking gives
+every untied pair (InstructGPT's C(K, 2) comparisons) or best-versus-rest
+(`dpo.pairs`). The reference is the frozen SFT policy; its summed response
+log-probs are computed once per pair before training and stored with the pair,
+not recomputed per step (Rafailov et al. 2023, sec. 4: pi_ref is fixed). The loss
+is `losses.dpo_loss` (DPO / cDPO / IPO by config). Evaluation: held-out pairs
+(loss, implicit-reward accuracy and margins) plus the shared PolicyEvaluator on
+the held-out prompts (gold, proxy, KL from SFT, win rate), so DPO's points land
+on the same frontier as PPO's.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.data.formats import DataError
+from rlhf_jax.losses import dpo_loss, token_logprobs
+from rlhf_jax.model.transformer import flops_per_token, param_count
+from rlhf_jax.stages import common
+from rlhf_jax.stages.policy_eval import PolicyEvaluator, RewardModel
+from rlhf_jax.stages.rollout import eval_points
+from rlhf_jax.train import sharding as sh
+from rlhf_jax.train import state as st
+
+SIDES = ("chosen", "rejected")
+
+
+def preference_pairs(ranks, mode: str) -> list[tuple[int, int]]:
+  """(better, worse) response indices of one ranking (0 = best, equal = tie, no pair).
+
+  all: every untied pair; best_vs_rest: the top-ranked response(s) against each
+  response ranked strictly below them."""
+  k = len(ranks)
+  if mode == "all":
+    return [(i, j) for i in range(k) for j in range(k) if ranks[i] < ranks[j]]
+  if mode == "best_vs_rest":
+    top = min(ranks)
+    return [(i, j) for i in range(k) for j in range(k) if ranks[i] == top and ranks[j] > top]
+  raise ValueError(f"pairs must be 'all' or 'best_vs_rest', got {mode!r}")
+
+
+def pair_examples(prompt_ids, responses_ids, ranks, max_len: int, bos_id: int, eos_id: int,
+                  pad_id: int, mode: str) -> tuple[dict, dict]:
+  """Rankings -> pair rows BOS prompt response EOS, right-padded to max_len.
+
+  For each side: tokens [N, L], mask (real tokens), loss_mask (the response tokens
+  and EOS: what the policy chose). As in the reward model's rows, an over-long
+  response is cut but keeps its EOS; a prompt leaving no room for one response token
+  drops the ranking. Returns (arrays, counts)."""
+  rows = {s: [] for s in SIDES}
+  counts = {"rankings": len(prompt_ids), "dropped": 0, "truncated": 0, "ties_or_no_pair": 0}
+  for prompt, responses, rank in zip(prompt_ids, responses_ids, ranks):
+    head = [bos_id, *prompt]
+    room = max_len - len(head) - 1
+    if room < 1:
+      counts["dropped"] += 1
+      continue
+    counts["truncated"] += any(len(r) > room for r in responses)
+    seqs = [head + [*r[:room], eos_id] for r in responses]
+    pairs = preference_pairs(list(rank), mode)
+    counts["ties_or_no_pair"] += not pairs
+    for i, j in pairs:
+      rows["chosen"].append((seqs[i], len(head)))
+      rows["rejected"].append((seqs[j], len(head)))
+  n = len(rows["chosen"])
+  if n == 0:
+    raise DataError(f"dpo: no preference pair fits in data.max_len={max_len} "
+                    f"({counts['dropped']} of {len(prompt_ids)} rankings dropped, the rest tied)")
+  out = {}
+  for side in SIDES:
+    tokens = np.full((n, max_len), pad_id, np.int32)
+    mask = np.zeros((n, max_len), bool)
+    loss_mask = np.zeros((n, max_len), np.float32)
+    for r, (seq, start) in enumerate(rows[side]):
+      tokens[r, :len(seq)] = seq
+      mask[r, :len(seq)] = True
+      loss_mask[r, start:len(seq)] = 1.0
+    out.update({f"{side}_tokens": tokens, f"{side}_mask": mask, f"{side}_loss_mask": loss_mask})
+  return out, {**counts, "pairs": n}
+
+
+def sequence_logps(model, params, tokens, mask, loss_mask, rng=None):
+  """Summed log-probs [B] of the loss-masked (response) tokens, at temperature 1."""
+  out = model.apply({"params": params}, tokens, mask, **common.dropout_args(rng))
+  return jnp.sum(token_logprobs(out["logits"], tokens) * loss_mask[:, 1:], axis=-1)
+
+
+def make_loss(model, dc):
+  """loss(params, batch, rng) -> (loss, metrics): chosen and rejected in one forward."""
+  def loss(params, batch, rng=None):
+    cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
+    lp = sequence_logps(model, params, cat("tokens"), cat("mask"), cat("loss_mask"), rng)
+    n = batch["chosen_tokens"].shape[0]
+    return dpo_loss(lp[:n], lp[n:], batch["ref_chosen"], batch["ref_rejected"], dc.beta,
+                    loss_type=dc.loss_type, label_smoothing=dc.label_smoothing)
+  return loss
+
+
+def reference_logps(ctx, model, params, arrays: dict, batch_size: int) -> dict:
+  """Once per pair, before training: the frozen reference's summed log-probs."""
+  fn = jax.jit(functools.partial(sequence_logps, model))
+  out = {}
+  for side in SIDES:
+    inputs = {k: arrays[f"{side}_{k}"] for k in ("tokens", "mask", "loss_mask")}
+    vals = []
+    for _, keep, host in sh.global_batches(inputs, batch_size):
+      b = sh.put_batch(host, ctx.mesh)
+      vals.append(sh.to_host(fn(params, b["tokens"], b["mask"], b["loss_mask"]))[:keep])
+    out[f"ref_{side}"] = np.concatenate(vals).astype(np.float32)
+  return out
+
+
+def load_pairs(ctx, dc):
+  """(train, eval) pair arrays with reference log-probs to come, split by ranking."""
+  import os
+  recs, prompts, stats = ctx.sources.ranking_records(os.path.join(ctx.stage_dir("label"), "data"))
+  tok = ctx.sources.tokenizer
+  n_eval = max(1, int(len(recs) * dc.eval_frac))
+  if len(recs) - n_eval < 1:
+    raise DataError(f"dpo: only {len(recs)} rankings; not enough to hold out dpo.eval_frac")
+  split = {"train": slice(0, len(recs) - n_eval), "eval": slice(len(recs) - n_eval, len(recs))}
+  out, counts = {}, {"skipped_rows": stats.num_skipped}
+  for name, sl in split.items():
+    r = recs[sl]
+    out[name], c = pair_examples(
+        tok.encode_batch(prompts[sl]), [tok.encode_batch(x["responses"]) for x in r],
+        [x["ranks"] for x in r], ctx.config.data.max_len, tok.bos_id, tok.eos_id, tok.pad_id,
+        dc.pairs)
+    counts.update({f"{name}_{k}": v for k, v in c.items()})
+  return out["train"], out["eval"], counts
+
+
+def compute(cfg, model_cfg, n_pairs: int) -> dict:
+  """FLOPs with `ppo.compute_per_iteration`'s conventions. Per step: chosen and rejected
+  rows forward + backward; once (offline_flops): the reference forward over every
+  training pair; shown apart (label_flops): the label stage's sampling of K responses
+  per prompt, which DPO shares with the reward model."""
+  seq = cfg.data.max_len
+  fwd = flops_per_token(model_cfg, seq) / 3
+  trained = 2 * cfg.dpo.batch_size * seq
+  lab_seq = cfg.data.prompt_len + cfg.ppo.response_len
+  label = cfg.data.reward_prompts * cfg.label.k * lab_seq * flops_per_token(model_cfg, lab_seq) / 3
+  return {"flops": 3 * trained * fwd, "tokens_sampled": 0, "tokens_trained": trained,
+          "offline_flops": 2 * n_pairs * seq * fwd, "label_flops": label,
+          "label_tokens_sampled": cfg.data.reward_prompts * cfg.label.k * cfg.ppo.response_len}
+
+
+def run(ctx) -> dict:
+  cfg, dc = ctx.config, ctx.config.dpo
+  model = st.make_model(ctx.model_cfg, ctx.mesh)
+  reward = RewardModel(ctx, model)
+  sft_params, _ = common.load_params(ctx, "sft", model)
+  train, evals, counts = load_pairs(ctx, dc)
+  # Deterministic (same params, same batches), so a resumed run recomputes the same values.
+  train.update(reference_logps(ctx, model, sft_params, train, dc.batch_size))
+  evals.update(reference_logps(ctx, model, sft_params, evals, dc.batch_size))
+  print(f"[dpo] {len(train['ref_chosen'])} training pairs, {len(evals['ref_chosen'])} held out; "
+        f"reference log-probs computed once", flush=True)
+  evaluator = PolicyEvaluator(ctx, model, reward, sft_params, response_len=dc.response_len,
+                              temperature=cfg.evaluate.temperature, batch_size=cfg.evaluate.batch_size)
+  loss = make_loss(model, dc)
+  summary, state = common.train_supervised(
+      ctx, "dpo", dc, model=model, loss_fn=loss, eval_loss=loss, train_arrays=train,
+      eval_arrays=evals, init_params=lambda: jax.jit(lambda p: jax.tree.map(jnp.copy, p))(sft_params),
+      tokens_per_example=2 * cfg.data.max_len, extra_eval=evaluator.evaluate)
+  sft_eval = evaluator.evaluate(sft_params)
+  c = compute(cfg, ctx.model_cfg, len(train["ref_chosen"]))
+  summary.update(
+      sft_gold_reward=sft_eval["gold_reward"], sft_proxy_reward=sft_eval["proxy_reward"],
+      gold_reward=summary["eval_gold_reward"], proxy_reward=summary["eval_proxy_reward"],
+      kl=summary["eval_kl"], win_rate_vs_sft=summary["eval_win_rate_vs_sft"],
+      accuracy=summary["eval_accuracy"], margin=summary["eval_margin"],
+      loss_type=dc.loss_type, beta=dc.beta, label_smoothing=dc.label_smoothing,
+      flops_per_step=c["flops"], tokens_trained_per_step=c["tokens_trained"],
+      offline_flops=c["offline_flops"], label_flops=c["label_flops"],
+      label_tokens_sampled=c["label_tokens_sampled"], params=param_count(ctx.model_cfg),
+      eval_points=eval_points(ctx.stage_dir("dpo"), sft_eval, c), **counts)
+  return summary

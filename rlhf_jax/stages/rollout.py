@@ -1,0 +1,76 @@
+"""What PPO and the critic-free stages (GRPO, RLOO, Dr. GRPO) share: one scoring path
+for sampled responses, and the held-out evaluation points every policy stage records.
+
+The sampler itself is `rlhf_jax.sampling.generate`; these functions take its output
+and do the forward passes an RL update needs (policy and reference log-probs, the
+reward model's score with the EOS penalty and clipping of Huang et al. 2024), so
+every RL stage scores a rollout the same way.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+
+from rlhf_jax.losses import token_logprobs
+from rlhf_jax.stages.policy_eval import reward_scores
+
+
+def response_logprobs(model, params, tokens, mask, prompt_len: int, temperature: float,
+                      scalar: bool = False):
+  """(model output, log-probs [B, N] of the response tokens at `temperature`).
+
+  The temperature divides the logits as in sampling (Huang et al. 2024), so ratios and
+  KL estimates are taken under the distribution the rollout came from."""
+  out = model.apply({"params": params}, tokens, mask, scalar=scalar)
+  return out, token_logprobs(out["logits"], tokens, temperature)[:, prompt_len - 1:]
+
+
+def sequence_scores(model, frozen, g, rc, score_fn=None):
+  """(score, proxy, raw) [B] of a rollout `g` (the sampler's output).
+
+  proxy = the normalised reward model (frozen['reward'], gain, bias), or
+  `score_fn(tokens, mask, response, response_mask, ended)` for a programmatic reward;
+  score = proxy with `rc.missing_eos_penalty` for responses without EOS when
+  `rc.use_eos_penalty` (Huang et al. 2024), clipped to +-rc.reward_clip if > 0.
+  rc: the stage's config section (config.ppo, config.grpo).
+  """
+  tokens, mask = g["tokens"], g["mask"]
+  if score_fn is None:
+    # The reward model has the policy's architecture (it is initialised from SFT).
+    score, raw = reward_scores(model, frozen["reward"], tokens, mask, frozen["gain"],
+                               frozen["bias"])
+  else:
+    score = raw = score_fn(tokens, mask, g["response"], g["response_mask"], g["ended"])
+  proxy = score
+  if rc.use_eos_penalty:  # Huang et al. 2024: no EOS -> fixed low score
+    score = jnp.where(g["ended"], score, rc.missing_eos_penalty)
+  if rc.reward_clip > 0:
+    score = jnp.clip(score, -rc.reward_clip, rc.reward_clip)
+  return score, proxy, raw
+
+
+def eval_points(stage_dir: str, sft_eval: dict, compute: dict, x_key: str = "iteration"):
+  """The held-out evaluations in `stage_dir`/metrics.jsonl (all of them, also those from
+  before a resume) as frontier points, the SFT policy first at step 0 / KL 0.
+
+  compute: per-step figures {"flops", "tokens_sampled", optionally "tokens_trained"};
+  a point's cumulative figures are step x those, plus compute.get("offline_flops", 0)
+  spent once before the first step (DPO's reference log-probs)."""
+  offline = compute.get("offline_flops", 0.0)
+  keys = [k for k in ("flops", "tokens_sampled", "tokens_trained") if k in compute]
+  pts = [{x_key: 0, "gold_reward": sft_eval["gold_reward"], "proxy_reward": sft_eval["proxy_reward"],
+          "kl": 0.0, **{k: 0 for k in keys}}]
+  with open(os.path.join(stage_dir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      if "eval_gold_reward" in row:
+        p = {x_key: row["step"], "gold_reward": row["eval_gold_reward"],
+             "proxy_reward": row["eval_proxy_reward"], "kl": row["eval_kl"],
+             "win_rate_vs_sft": row["eval_win_rate_vs_sft"],
+             **{k: row["step"] * compute[k] for k in keys}}
+        if "flops" in p:
+          p["flops"] += offline
+        pts.append(p)
+  return pts
