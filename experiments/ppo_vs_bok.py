@@ -36,7 +36,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import sys
 import traceback
 import warnings

@@ -177,7 +177,7 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
   for random initialisation. Only called when there is no checkpoint of this
   stage yet; an interrupted run resumes from its own checkpoint instead.
   stream: the batch order's random stream (default: `name`, distinct per stage/round).
-  extra_eval(params) -> dict, if given, is merged into every evaluation (DPO adds the
+  extra_eval(params, step) -> dict, if given, is merged into every evaluation (DPO adds the
   held-out policy figures that put it on the frontier).
   """
   stage_dir = ctx.stage_dir(name)
@@ -186,7 +186,8 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
   ckpt = checkpointer(ctx, name)
   base_eval = make_evaluator(ctx, eval_loss, eval_batches(eval_arrays, tcfg.batch_size,
                                                           tcfg.eval_batches, ctx.mesh))
-  evaluator = base_eval if extra_eval is None else (lambda p: {**base_eval(p), **extra_eval(p)})
+  evaluator = ((lambda p, step: base_eval(p)) if extra_eval is None
+               else (lambda p, step: {**base_eval(p), **extra_eval(p, step)}))
   meta = {**model_meta(ctx), **run_meta(ctx, tcfg), **(extra_meta or {})}
 
   def fresh_state(params):
@@ -202,7 +203,7 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
   else:
     params = init_params() if init_params is not None else st.init_params(model, jax.random.fold_in(key, 2**31 - 1))
     state = init_state(params)
-    init_eval = evaluator(state["params"])
+    init_eval = evaluator(state["params"], 0)
   batcher = host_batcher(ctx, train_arrays, tcfg.batch_size, stream or name)
   step = make_train_step(loss_fn, optimizer, grad_accum=tcfg.grad_accum, nonfinite=tcfg.nonfinite)
   step_fn = compile_step(step, ctx.mesh, st.shardings_of(abstract), batcher.get(0))
@@ -211,10 +212,10 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
       total_steps=tcfg.steps, key=key, mesh=ctx.mesh, ckpt=ckpt,
       meta_fn=lambda s: {**meta, "init_eval": init_eval, "data_position": s},
       log_every=tcfg.log_every, ckpt_every=tcfg.ckpt_every,
-      eval_fn=lambda s: evaluator(s["params"]), eval_every=tcfg.eval_every,
+      eval_fn=lambda s: evaluator(s["params"], int(sh.to_host(s["step"]))), eval_every=tcfg.eval_every,
       tokens_per_step=tokens_per_example * tcfg.batch_size, nonfinite=tcfg.nonfinite)
   ckpt.close()
-  final_eval = evaluator(state["params"])
+  final_eval = evaluator(state["params"], tcfg.steps)
   summary = {f"init_eval_{k}": v for k, v in init_eval.items()}
   summary.update({f"eval_{k}": v for k, v in final_eval.items()})
   summary.update(steps=tcfg.steps, skipped_updates=int(sh.to_host(state["skipped"])),

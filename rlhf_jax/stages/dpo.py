@@ -23,8 +23,8 @@ from rlhf_jax.data.formats import DataError
 from rlhf_jax.losses import dpo_loss, token_logprobs
 from rlhf_jax.model.transformer import flops_per_token, param_count
 from rlhf_jax.stages import common
-from rlhf_jax.stages.policy_eval import PolicyEvaluator, RewardModel
-from rlhf_jax.stages.rollout import eval_points
+from rlhf_jax.stages.policy_eval import PolicyEvaluator, RewardModel, SampleLog
+from rlhf_jax.stages.rollout import eval_points, policy_figures
 from rlhf_jax.train import sharding as sh
 from rlhf_jax.train import state as st
 
@@ -162,19 +162,19 @@ def run(ctx) -> dict:
   evals.update(reference_logps(ctx, model, sft_params, evals, dc.batch_size))
   print(f"[dpo] {len(train['ref_chosen'])} training pairs, {len(evals['ref_chosen'])} held out; "
         f"reference log-probs computed once", flush=True)
+  log = SampleLog.for_stage(ctx, "dpo", common.checkpointer(ctx, "dpo").latest_step() or 0)
   evaluator = PolicyEvaluator(ctx, model, reward, sft_params, response_len=dc.response_len,
-                              temperature=cfg.evaluate.temperature, batch_size=cfg.evaluate.batch_size)
+                              temperature=cfg.evaluate.temperature, batch_size=cfg.evaluate.batch_size,
+                              log=log)
   loss = make_loss(model, dc)
   summary, state = common.train_supervised(
       ctx, "dpo", dc, model=model, loss_fn=loss, eval_loss=loss, train_arrays=train,
       eval_arrays=evals, init_params=lambda: jax.jit(lambda p: jax.tree.map(jnp.copy, p))(sft_params),
-      tokens_per_example=2 * cfg.data.max_len, extra_eval=evaluator.evaluate)
-  sft_eval = evaluator.evaluate(sft_params)
+      tokens_per_example=2 * cfg.data.max_len, extra_eval=lambda p, step: evaluator.evaluate(p, {"policy": "dpo", "iteration": step}))
+  sft_eval = evaluator.evaluate(sft_params, {"policy": "sft"})
   c = compute(cfg, ctx.model_cfg, len(train["ref_chosen"]))
   summary.update(
-      sft_gold_reward=sft_eval["gold_reward"], sft_proxy_reward=sft_eval["proxy_reward"],
-      gold_reward=summary["eval_gold_reward"], proxy_reward=summary["eval_proxy_reward"],
-      kl=summary["eval_kl"], win_rate_vs_sft=summary["eval_win_rate_vs_sft"],
+      **policy_figures(sft_eval, {k[5:]: v for k, v in summary.items() if k.startswith("eval_")}),
       accuracy=summary["eval_accuracy"], margin=summary["eval_margin"],
       loss_type=dc.loss_type, beta=dc.beta, label_smoothing=dc.label_smoothing,
       flops_per_step=c["flops"], tokens_trained_per_step=c["tokens_trained"],

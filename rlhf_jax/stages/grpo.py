@@ -27,8 +27,9 @@ from rlhf_jax.losses import entropy_from_logits
 from rlhf_jax.model.transformer import flops_per_token, param_count
 from rlhf_jax.sampling import generate
 from rlhf_jax.stages import common
-from rlhf_jax.stages.policy_eval import PolicyEvaluator, RewardModel, decode_responses, sample_config
-from rlhf_jax.stages.rollout import eval_points, response_logprobs, sequence_scores
+from rlhf_jax.stages.policy_eval import (PolicyEvaluator, RewardModel, SampleLog, decode_responses,
+                                         sample_config)
+from rlhf_jax.stages.rollout import eval_points, policy_figures, response_logprobs, sequence_scores
 from rlhf_jax.train import sharding as sh
 from rlhf_jax.train import state as st
 from rlhf_jax.train.loop import train_loop
@@ -192,25 +193,25 @@ def run(ctx) -> dict:
     gold = ctx.sources.gold([texts[i] for i in idx], resp, sh.to_host(aux["_ended"]))
     return {} if gold is None else {"gold_reward": float(np.mean(gold))}
 
+  log = SampleLog.for_stage(ctx, "grpo", int(sh.to_host(state["step"])))
   evaluator = PolicyEvaluator(ctx, model, reward, sft_params, response_len=gc.response_len,
-                              temperature=cfg.evaluate.temperature, batch_size=cfg.evaluate.batch_size)
+                              temperature=cfg.evaluate.temperature, batch_size=cfg.evaluate.batch_size,
+                              log=log)
+  tag = lambda s: {"policy": "grpo", "iteration": int(sh.to_host(s["step"]))}
   compute = compute_per_iteration(cfg, ctx.model_cfg, prompt_len)
   state, _ = train_loop(
       name="grpo", stage_dir=ctx.stage_dir("grpo"), state=state,
       step_fn=lambda s, b, r: compiled(s, frozen, b, r), get_batch=batcher.get,
       total_steps=gc.iterations, key=ctx.key("grpo"), mesh=ctx.mesh, ckpt=ckpt,
       meta_fn=lambda s: {**meta, "data_position": s}, log_every=gc.log_every,
-      ckpt_every=gc.ckpt_every, eval_fn=lambda s: evaluator.evaluate(s["params"]),
+      ckpt_every=gc.ckpt_every, eval_fn=lambda s: evaluator.evaluate(s["params"], tag(s)),
       eval_every=gc.eval_every, host_fn=host_fn, tokens_per_step=compute["tokens_sampled"],
       nonfinite=gc.nonfinite)
   ckpt.close()
-  sft_eval = evaluator.evaluate(sft_params)
-  final = evaluator.evaluate(state["params"])
+  sft_eval = evaluator.evaluate(sft_params, {"policy": "sft"})
+  final = evaluator.evaluate(state["params"], tag(state))
   return {
-      "sft_gold_reward": sft_eval["gold_reward"], "sft_proxy_reward": sft_eval["proxy_reward"],
-      "gold_reward": final["gold_reward"], "proxy_reward": final["proxy_reward"],
-      "kl": final["kl"], "win_rate_vs_sft": final["win_rate_vs_sft"],
-      "response_length": final["response_length"], "no_eos_frac": final["no_eos_frac"],
+      **policy_figures(sft_eval, final),
       "advantage": gc.advantage, "k": gc.k, "kl_mode": gc.kl_mode, "loss_agg": gc.loss_agg,
       "iterations": gc.iterations, "skipped_updates": int(sh.to_host(state["skipped"])),
       "tokens_sampled_per_iteration": compute["tokens_sampled"],

@@ -113,6 +113,13 @@ class SampleLog:
         f.writelines(json.dumps(r) + "\n" for r in rows)
       os.replace(tmp, path)
 
+  @classmethod
+  def for_stage(cls, ctx, name: str, start: int) -> "SampleLog":
+    """A policy stage's log, resumed at iteration `start`: its evaluations up to there are
+    final and kept; later ones (and the closing SFT/final ones) are written again."""
+    return cls(os.path.join(ctx.stage_dir(name), "samples.jsonl"),
+               keep=lambda r: r.get("policy") == name and r.get("iteration", 0) <= start)
+
   @staticmethod
   def _key(row: dict) -> tuple:
     return tuple((k, row.get(k)) for k in ("policy", "iteration", "round"))

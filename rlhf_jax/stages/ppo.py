@@ -11,9 +11,6 @@ rate), the points that feed the PPO-vs-best-of-K frontier.
 """
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +20,7 @@ from rlhf_jax.stages import common
 from rlhf_jax.stages.policy_eval import (PolicyEvaluator, RewardModel, SampleLog, decode_responses,
                                          sample_config)
 from rlhf_jax.stages.ppo_step import make_iteration
+from rlhf_jax.stages.rollout import eval_points, policy_figures
 from rlhf_jax.train import sharding as sh
 from rlhf_jax.train import state as st
 from rlhf_jax.train.loop import train_loop
@@ -118,8 +116,7 @@ def run(ctx) -> dict:
     return {} if gold is None else {"gold_reward": float(np.mean(gold))}
 
   start = int(sh.to_host(state["step"]))  # evaluations up to here are final (a resume keeps them)
-  log = SampleLog(os.path.join(ctx.stage_dir("ppo"), "samples.jsonl"),
-                  keep=lambda r: r.get("policy") == "ppo" and r.get("iteration", 0) <= start)
+  log = SampleLog.for_stage(ctx, "ppo", start)
   evaluator = PolicyEvaluator(ctx, model, reward, sft_params, response_len=pc.response_len,
                               temperature=cfg.evaluate.temperature, batch_size=cfg.evaluate.batch_size,
                               log=log)
@@ -135,19 +132,13 @@ def run(ctx) -> dict:
   ckpt.close()
   sft_eval = evaluator.evaluate(sft_params, {"policy": "sft"})
   final = evaluator.evaluate(state["params"], tag(state))
-  points = _eval_points(ctx, sft_eval, compute)
-  # Without a gold scorer the gold figures are absent (PolicyEvaluator leaves them out).
   return {
-      **_present(sft_gold_reward=sft_eval.get("gold_reward"), gold_reward=final.get("gold_reward"),
-                 win_rate_vs_sft=final.get("win_rate_vs_sft")),
-      "sft_proxy_reward": sft_eval["proxy_reward"], "proxy_reward": final["proxy_reward"],
-      "kl": final["kl"],
-      "response_length": final["response_length"], "no_eos_frac": final["no_eos_frac"],
+      **policy_figures(sft_eval, final),
       "kl_coef_final": float(sh.to_host(state["kl_coef"])), "iterations": pc.iterations,
       "skipped_updates": int(sh.to_host(state["skipped"])),
       "tokens_sampled_per_iteration": compute["tokens_sampled"],
       "flops_per_iteration": compute["flops"], "params": param_count(ctx.model_cfg),
-      "eval_points": points,
+      "eval_points": eval_points(ctx.stage_dir("ppo"), sft_eval, compute),
   }
 
 
@@ -172,25 +163,3 @@ def _with_lr(opt_cfg, lr):
   o = opt_cfg.copy_and_resolve_references()
   o.lr = lr
   return o
-
-
-def _present(**figures) -> dict:
-  """The figures that exist (gold ones are None without a gold scorer)."""
-  return {k: v for k, v in figures.items() if v is not None}
-
-
-def _eval_points(ctx, sft_eval, compute) -> list[dict]:
-  """Held-out evaluations from metrics.jsonl (all of them, also from before a resume)."""
-  pts = [{"iteration": 0, **_present(gold_reward=sft_eval.get("gold_reward")),
-          "proxy_reward": sft_eval["proxy_reward"], "kl": 0.0, "flops": 0.0, "tokens_sampled": 0}]
-  with open(os.path.join(ctx.stage_dir("ppo"), "metrics.jsonl")) as f:
-    for line in f:
-      row = json.loads(line)
-      if "eval_proxy_reward" in row:
-        pts.append({"iteration": row["step"],
-                    **_present(gold_reward=row.get("eval_gold_reward"),
-                               win_rate_vs_sft=row.get("eval_win_rate_vs_sft")),
-                    "proxy_reward": row["eval_proxy_reward"], "kl": row["eval_kl"],
-                    "flops": row["step"] * compute["flops"],
-                    "tokens_sampled": row["step"] * compute["tokens_sampled"]})
-  return pts

@@ -51,6 +51,23 @@ def sequence_scores(model, frozen, g, rc, score_fn=None):
   return score, proxy, raw
 
 
+def present(**figures) -> dict:
+  """The figures that exist: gold ones are None without a gold scorer (data.source=files),
+  and are then left out rather than reported as 0."""
+  return {k: v for k, v in figures.items() if v is not None}
+
+
+def policy_figures(sft_eval: dict, final: dict) -> dict:
+  """The summary figures every policy stage reports (PolicyEvaluator.evaluate outputs of
+  the SFT policy and the final one)."""
+  return {**present(sft_gold_reward=sft_eval.get("gold_reward"),
+                    gold_reward=final.get("gold_reward"),
+                    win_rate_vs_sft=final.get("win_rate_vs_sft")),
+          "sft_proxy_reward": sft_eval["proxy_reward"], "proxy_reward": final["proxy_reward"],
+          "kl": final["kl"], "response_length": final["response_length"],
+          "no_eos_frac": final["no_eos_frac"]}
+
+
 def eval_points(stage_dir: str, sft_eval: dict, compute: dict, x_key: str = "iteration"):
   """The held-out evaluations in `stage_dir`/metrics.jsonl (all of them, also those from
   before a resume) as frontier points, the SFT policy first at step 0 / KL 0.
@@ -60,15 +77,16 @@ def eval_points(stage_dir: str, sft_eval: dict, compute: dict, x_key: str = "ite
   spent once before the first step (DPO's reference log-probs)."""
   offline = compute.get("offline_flops", 0.0)
   keys = [k for k in ("flops", "tokens_sampled", "tokens_trained") if k in compute]
-  pts = [{x_key: 0, "gold_reward": sft_eval["gold_reward"], "proxy_reward": sft_eval["proxy_reward"],
-          "kl": 0.0, **{k: 0 for k in keys}}]
+  pts = [{x_key: 0, **present(gold_reward=sft_eval.get("gold_reward")),
+          "proxy_reward": sft_eval["proxy_reward"], "kl": 0.0, **{k: 0 for k in keys}}]
   with open(os.path.join(stage_dir, "metrics.jsonl")) as f:
     for line in f:
       row = json.loads(line)
-      if "eval_gold_reward" in row:
-        p = {x_key: row["step"], "gold_reward": row["eval_gold_reward"],
+      if "eval_proxy_reward" in row:
+        p = {x_key: row["step"],
+             **present(gold_reward=row.get("eval_gold_reward"),
+                       win_rate_vs_sft=row.get("eval_win_rate_vs_sft")),
              "proxy_reward": row["eval_proxy_reward"], "kl": row["eval_kl"],
-             "win_rate_vs_sft": row["eval_win_rate_vs_sft"],
              **{k: row["step"] * compute[k] for k in keys}}
         if "flops" in p:
           p["flops"] += offline
