@@ -118,8 +118,12 @@ class DataSources:
   def corpus_texts(self) -> list[str]:
     if self.synthetic:
       return world.make_corpus(self.seed_for("corpus"), self.cfg.corpus_docs)
-    recs, _ = self._records("text", self.cfg.files.pretrain, "train")
-    return [r["text"] for r in recs]
+    if self.cfg.files.pretrain:
+      recs, _ = self._records("text", self.cfg.files.pretrain, "train")
+      return [r["text"] for r in recs]
+    # No corpus given: the demonstrations' dialogues (prompt + reply) are the text to
+    # (continue to) pretrain on, and the text a tokenizer is trained on.
+    return [p + r for p, r in self._demos("train")[0]]
 
   def seed_for(self, name: str) -> int:
     """The synthetic data's stream `name` under data.seed (see `stream_seed`)."""
@@ -176,8 +180,7 @@ class DataSources:
       pairs = world.make_sft(self.seed_for("sft"), self.cfg.sft_examples)
       skipped = 0
     else:
-      recs, stats = self._records("sft", self.cfg.files.sft, "train")
-      pairs, skipped = [(r["prompt"], r["response"]) for r in recs], stats.num_skipped
+      pairs, skipped = self._demos("train")
     tok = self.tokenizer
     ex, counts = batching.sft_examples(
         tok.encode_batch([self.prompt_text(p) for p, _ in pairs]),
@@ -190,8 +193,30 @@ class DataSources:
       n = {"reward": self.cfg.reward_prompts, "rl": self.cfg.rl_prompts,
            "eval": self.cfg.eval_prompts}[split]
       return world.make_prompts(self.seed_for(f"prompts/{split}"), n)
-    recs, _ = self._records("sft", self.cfg.files.sft, "test" if split == "eval" else "train")
-    return [r["prompt"] for r in recs]
+    return [p for p, _ in self._demos("test" if split == "eval" else "train")[0]]
+
+  def _demos(self, split: str) -> tuple[list[tuple[str, str]], int]:
+    """(prompt, response) demonstrations of a split and the rows skipped: data.files.sft,
+    or without it each comparison's best response in data.files.ranking (HH-RLHF's chosen
+    reply: Bai et al. 2022 fine-tune on the same dialogues as their preference model).
+    Without a test file there, the last data.eval_prompts comparisons are the held-out
+    split and are left out of train."""
+    if self.cfg.files.sft:
+      recs, stats = self._records("sft", self.cfg.files.sft, split)
+      return [(r["prompt"], r["response"]) for r in recs], stats.num_skipped
+    if not self.cfg.files.ranking:
+      raise DataError("config.data.files: data.source=files needs data.files.sft or "
+                      "data.files.ranking for demonstrations and prompts")
+    from rlhf_jax.data.builders import split_files
+    has_test = "test" in split_files(self.cfg.files.ranking, (".jsonl",))
+    recs, stats = self._records("ranking", self.cfg.files.ranking,
+                                "test" if split == "test" and has_test else "train",
+                                config=self.cfg.files.ranking_format)
+    rows = [(r["prompt"], r["responses"][int(np.argmin(r["ranks"]))]) for r in recs]
+    if not has_test:
+      n_eval = min(self.cfg.eval_prompts, len(rows) // 2)
+      rows = rows[len(rows) - n_eval:] if split == "test" else rows[:len(rows) - n_eval]
+    return rows, stats.num_skipped
 
   def prompt_set(self, split: str):
     """(prompt texts, left-padded prompt arrays with `index` into the texts)."""
