@@ -237,7 +237,10 @@ def load(path: str, mesh=None, dtype=None, max_len: int | None = None):
   """
   cfg, info = read_config(path, max_len)
   if dtype is not None:
-    name = dtype if isinstance(dtype, str) else {v: k for k, v in DTYPES.items()}.get(np.dtype(dtype).type)
+    try:
+      name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    except TypeError:
+      name = str(dtype)
     if name not in DTYPES:
       raise HFError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     cfg = dataclasses.replace(cfg, dtype=name)

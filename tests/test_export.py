@@ -126,7 +126,9 @@ def test_export_cli_writes_a_folder_hf_load_reads_back(tmp_path):
                       "sft", "--out", str(out)], cwd=helpers.REPO, env=helpers.env(),
                      capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stderr[-2000:]
-  assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(os.listdir(out))
+  assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= set(
+      os.listdir(out))
+  assert json.load(open(out / "tokenizer_config.json"))["pad_token"] == "<pad>"
   cfg = json.load(open(out / "config.json"))
   assert (cfg["architectures"], cfg["tie_word_embeddings"]) == (["LlamaForCausalLM"], True)
   assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (2, 3, 0)
