@@ -226,3 +226,21 @@ print(json.dumps({{"diff": float(np.abs(np.asarray(logits) - exp["logits"])[mask
   out = helpers.run_script(code, devices=2)
   assert out["diff"] <= 1e-4
   assert out["full"] == [48, 2, 40] and out["shard"] == [24, 2, 40]  # embed split over fsdp
+
+
+def test_sharded_checkpoint_through_its_index(tmp_path):
+  """Large models ship as model-0000x-of-0000n.safetensors + model.safetensors.index.json."""
+  p = _copy(tmp_path, "qwen2")
+  r = hf._Reader(p)
+  names = sorted(r.entries)
+  parts = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+  for fname, part in parts.items():
+    hf._write_safetensors(os.path.join(p, fname), {k: r.get(k) for k in part})
+  os.remove(os.path.join(p, "model.safetensors"))
+  with open(os.path.join(p, "model.safetensors.index.json"), "w") as f:
+    json.dump({"weight_map": {k: fname for fname, part in parts.items() for k in part}}, f)
+  _, sharded = hf.load(p)
+  _, single = hf.load(os.path.join(FIXTURES, "qwen2"))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), sharded, single)
+  os.remove(os.path.join(p, "model-00002-of-00002.safetensors"))
+  assert "model-00002-of-00002.safetensors: missing" in _error(p)
