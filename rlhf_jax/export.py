@@ -134,7 +134,23 @@ def export(workdir: str, stage: str, out: str, kind: str | None = None,
       if os.path.isfile(f):
         shutil.copy(f, os.path.join(out, "tokenizer.model" if f.endswith(".model")
                                     else os.path.basename(f)))
+    if os.path.isfile(copy_from) and hasattr(tok, "_sp"):  # our sentencepiece model
+      _sentencepiece_tokenizer_config(tok, out)
   return out
+
+
+def _sentencepiece_tokenizer_config(tok, out: str) -> None:
+  """Special tokens by piece name, so transformers' AutoTokenizer (Llama, from
+  tokenizer.model) uses our ids: checked by hand with transformers 5.24, where
+  encode(text, add_special_tokens=False) gives our ids and bos/eos/pad match."""
+  sp = tok._sp
+  cfg = {"bos_token": sp.id_to_piece(tok.bos_id), "eos_token": sp.id_to_piece(tok.eos_id),
+         "unk_token": sp.id_to_piece(sp.unk_id()), "pad_token": sp.id_to_piece(tok.pad_id),
+         "model_max_length": 1 << 30}
+  import jax
+  if jax.process_index() == 0:
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+      json.dump(cfg, f, indent=2)
 
 
 def main(argv=None) -> int:

@@ -30,7 +30,8 @@ from rlhf_jax.model.hf_families import FAMILIES, HFError, family_of, parse_confi
 from rlhf_jax.model.transformer import DTYPES, ModelConfig
 from rlhf_jax.train import state as st
 
-__all__ = ["HFError", "load", "save", "read_config", "load_params", "FAMILIES"]
+__all__ = ["HFError", "load", "save", "read_config", "load_params", "architecture_fields",
+           "FAMILIES"]
 _ = ConfigError  # HFError subclasses it, so main exits 2 on a bad folder
 
 # Tensors a checkpoint may hold that are not parameters: GPT-2's causal-mask buffers,
@@ -237,7 +238,10 @@ def load(path: str, mesh=None, dtype=None, max_len: int | None = None):
   """
   cfg, info = read_config(path, max_len)
   if dtype is not None:
-    name = dtype if isinstance(dtype, str) else {v: k for k, v in DTYPES.items()}.get(np.dtype(dtype).type)
+    try:
+      name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    except TypeError:
+      name = str(dtype)
     if name not in DTYPES:
       raise HFError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     cfg = dataclasses.replace(cfg, dtype=name)
@@ -350,6 +354,14 @@ def _write_safetensors(path: str, tensors: dict) -> None:
 
 
 _COMPUTE_ONLY = ("dtype", "remat", "attention", "dropout")
+
+
+def architecture_fields(cfg: ModelConfig) -> dict:
+  """The config.model keys a checkpoint fixes (everything but compute choices such as
+  dtype/remat/attention/dropout, and max_len where positions are rotary): what the
+  pipeline records from config.json and compares with a user's config.model.*."""
+  skip = _COMPUTE_ONLY + (("max_len",) if cfg.positions == "rope" else ())
+  return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig) if f.name not in skip}
 
 
 def _same_architecture(cfg: ModelConfig, back: ModelConfig, family: str) -> None:

@@ -50,18 +50,22 @@ def test_save_then_transformers_loads_the_same_causal_lm(tmp_path):
   pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   model = st.make_model(OURS)
-  cases = [("rlhf_jax", model, st.init_params(model, jax.random.key(1)), IDS)]
+  params = st.init_params(model, jax.random.key(1))
+  tokens, mask = _batch(OURS.vocab_size)
+  cases = [("rlhf_jax", model, params, IDS, tokens, mask, _ours(model, params, tokens, mask))]
   for family in ("llama", "gemma2", "gpt2"):  # rope scaling, soft-capping, Conv1D/LayerNorm
-    m, p = hf.load(os.path.join(FIXTURES, family))
-    cases.append((family, m, p, {"bos_id": 1, "eos_id": 2, "pad_id": 0}))
-  for name, m, p, ids in cases:
+    path = os.path.join(FIXTURES, family)
+    m, p = hf.load(path)
+    exp = load_file(os.path.join(path, "expected.safetensors"))  # our logits (test_hf)
+    cases.append((family, m, p, {"bos_id": 1, "eos_id": 2, "pad_id": 0}, exp["tokens"],
+                  exp["mask"].astype(bool), exp["logits"]))
+  for name, m, p, ids, tokens, mask, ours in cases:
     out = str(tmp_path / name)
     hf.save(out, m, p, special_ids=ids)
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["model_type"] == ("llama" if name == "rlhf_jax" else name)
-    tokens, mask = _batch(m.cfg.vocab_size)
     theirs = _theirs(transformers.AutoModelForCausalLM, out, tokens, mask)
-    diff = np.abs(_ours(m, p, tokens, mask) - theirs)[mask].max()
+    diff = np.abs(ours - theirs)[mask].max()
     assert diff <= 1e-4, (name, diff)
     # and it reads back into the identical tree
     _, back = hf.load(out)
@@ -126,7 +130,9 @@ def test_export_cli_writes_a_folder_hf_load_reads_back(tmp_path):
                       "sft", "--out", str(out)], cwd=helpers.REPO, env=helpers.env(),
                      capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stderr[-2000:]
-  assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(os.listdir(out))
+  assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= set(
+      os.listdir(out))
+  assert json.load(open(out / "tokenizer_config.json"))["pad_token"] == "<pad>"
   cfg = json.load(open(out / "config.json"))
   assert (cfg["architectures"], cfg["tie_word_embeddings"]) == (["LlamaForCausalLM"], True)
   assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (2, 3, 0)

@@ -76,6 +76,8 @@ class ModelConfig:
   sandwich_norm: bool = False  # extra norms on the attention and MLP outputs (Gemma 2)
 
   def __post_init__(self):
+    # Resolved once, so cfg.head_dim is always the real size (cache, param_count, meta).
+    # dataclasses.replace(cfg, d_model=...) therefore needs head_dim=0 passed too.
     if not self.head_dim:
       object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
 
