@@ -173,7 +173,8 @@ def check_workdir_config(config, workdir: str) -> dict:
     saved = _flat(saved) if isinstance(saved, dict) else last
     if saved is None:
       continue
-    bad = _diff(saved, current, fixed_keys(saved, name) | fixed_keys(current, name))
+    # Keys the saved config predates (fields added since, at their old behaviour) are skipped.
+    bad = _diff(saved, current, (fixed_keys(saved, name) | fixed_keys(current, name)) & set(saved))
     if bad:
       what = "finished" if done else "has checkpoints"
       raise CheckpointMismatch(
@@ -233,18 +234,15 @@ def write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-# Model fields that are ours to choose whatever the checkpoint: compute precision,
-# rematerialisation, attention kernel, dropout and the longest sequence we run.
-_RUNTIME_FIELDS = ("hf", "dtype", "remat", "attention", "dropout", "max_len")
-
-
 def apply_hf_model(config) -> None:
   """`config.model.hf = DIR`: DIR/config.json defines the architecture.
 
-  Architecture fields still at `config_lib.model()`'s defaults are replaced by the
-  checkpoint's; one set to anything else that disagrees fails with one line naming the
-  key. The model folder's tokenizer is used unless `data.tokenizer` is set. Runs before
-  validation, so the recorded workdir config holds the imported architecture.
+  Architecture fields (`hf.architecture_fields`: all but dtype, remat, attention,
+  dropout and, with rotary positions, max_len) still at `config_lib.model()`'s defaults
+  are replaced by the checkpoint's; one set to anything else that disagrees fails with
+  one line naming the key. Learned positions (GPT-2) fix max_len to the checkpoint's
+  table. The model folder's tokenizer is used unless `data.tokenizer` is set. Runs
+  before validation, so the recorded workdir config holds the imported architecture.
   """
   if not config.model.hf:
     return
@@ -252,11 +250,9 @@ def apply_hf_model(config) -> None:
   path = os.path.expanduser(config.model.hf)
   imported, info = hf.read_config(path, max_len=config.model.max_len)
   defaults = config_lib.model()
-  for key, value in dataclasses.asdict(imported).items():
-    if key in _RUNTIME_FIELDS or key not in config.model:
-      continue
+  for key, value in hf.architecture_fields(imported).items():
     current = config.model[key]
-    if current != value and current != defaults[key]:
+    if key != "max_len" and current != value and current != defaults[key]:
       raise config_lib.ConfigError(
           f"config.model.{key}: {current!r} conflicts with {path}/config.json ({value!r}); "
           f"with model.hf set, leave the architecture to the checkpoint")

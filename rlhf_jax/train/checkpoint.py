@@ -106,7 +106,11 @@ def check_meta(meta: dict, expect: dict | None, where: str) -> None:
     if have is not None and have != want:
       diff = want
       if isinstance(want, dict) and isinstance(have, dict):
-        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        # A field the checkpoint predates (e.g. a model family switch added later) is
+        # at its default, which keeps the old behaviour: only recorded fields compare.
+        diff = {k: (have[k], v) for k, v in want.items() if k in have and have[k] != v}
+        if not diff:
+          continue
       raise CheckpointMismatch(
           f"{where}: checkpoint was written with a different {key} (checkpoint, config): "
           f"{json.dumps(diff, default=str)}; use a fresh --workdir or the original config")
