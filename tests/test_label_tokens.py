@@ -26,7 +26,8 @@ def test_sampled_ids_are_kept_exactly():
   assert sampled_prompt_ids(prompt, prompt_mask, BOS) == [[7, 8], [9, 10, 11]]
   assert sampled_prompt_ids(prompt, prompt_mask, None) == [[BOS, 7, 8], [BOS, 9, 10, 11]]
   # Ended: EOS stripped (the reward rows add it back); cut: every id kept; empty: empty.
-  assert sampled_response_ids(response, response_mask, ended, EOS) == [[40, 41], [42, 43, 44, 45], []]
+  got = sampled_response_ids(response, response_mask, ended, EOS)
+  assert got == [[40, 41], [42, 43, 44, 45], []]
 
 
 def test_reward_rows_from_label_output_keep_ids_eos_and_empty(tmp_path):
