@@ -93,7 +93,8 @@ def test_no_bos_tokenizer_prepends_nothing():
   assert ex['loss_mask'][0].tolist() == [0, 1, 1, 0]  # position 0 has no predecessor
   ex, counts = batching.prompt_examples([[10, 11], [12, 13, 14, 15], []], 3, None, PAD)
   assert ex['prompt'].tolist() == [[PAD, 10, 11], [13, 14, 15]] and ex['index'].tolist() == [0, 1]
-  assert counts == {'truncated': 1, 'prompt_truncated': 1, 'dropped': 1}  # empty: nothing to continue
+  # The empty prompt has nothing to continue: dropped.
+  assert counts == {'truncated': 1, 'prompt_truncated': 1, 'dropped': 1}
   rw, _ = batching.reward_examples([[10]], [[[20], [21, 22]]], [[0, 1]], 5, None, EOS, PAD)
   assert rw['tokens'][0].tolist() == [[10, 20, EOS, PAD, PAD], [10, 21, 22, EOS, PAD]]
   rows = batching.pack_corpus([[5, 6], [7]], 5, EOS, None)

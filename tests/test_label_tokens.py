@@ -26,7 +26,8 @@ def test_sampled_ids_are_kept_exactly():
   assert sampled_prompt_ids(prompt, prompt_mask, BOS) == [[7, 8], [9, 10, 11]]
   assert sampled_prompt_ids(prompt, prompt_mask, None) == [[BOS, 7, 8], [BOS, 9, 10, 11]]
   # Ended: EOS stripped (the reward rows add it back); cut: every id kept; empty: empty.
-  assert sampled_response_ids(response, response_mask, ended, EOS) == [[40, 41], [42, 43, 44, 45], []]
+  got = sampled_response_ids(response, response_mask, ended, EOS)
+  assert got == [[40, 41], [42, 43, 44, 45], []]
 
 
 def test_reward_rows_from_label_output_keep_ids_eos_and_empty(tmp_path):
@@ -61,3 +62,19 @@ def test_reward_rows_from_label_output_keep_ids_eos_and_empty(tmp_path):
   idx = np.asarray(last_index(mask))
   assert [toks[k, idx[k]] for k in range(3)] == [EOS, samples[1][0][-1], EOS]
   assert raw[0] == (prompt, rows[0]["responses"], [True, False, True])  # gold sees `ended`
+
+
+def test_bad_label_rows_name_file_and_line(tmp_path):
+  import pytest
+  from rlhf_jax.data.formats import DataError, read_sampled_ranking
+  good = {"prompt": "p", "responses": ["a", ""], "ranking": [0, 1], "prompt_ids": [5],
+          "response_ids": [[6], []], "ended": [False, True]}
+  bad = [dict(good, ended=[True]), dict(good, response_ids=[[6], [-1]]),
+         dict(good, ended=[False, False])]  # an empty sample that never ended is impossible
+  path = tmp_path / "train.jsonl"
+  for i, row in enumerate(bad):
+    path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=r"train.jsonl:2: "):
+      list(read_sampled_ranking(str(path)))
+  path.write_text(json.dumps(good) + "\n")
+  assert list(read_sampled_ranking(str(path)))[0]["response_ids"] == [[6], []]

@@ -77,7 +77,8 @@ def test_missing_or_broken_model_file_names_the_path(tmp_path):
 
 def test_saved_copy_and_bare_model_file_load_with_the_same_ids(tok, docs, tmp_path):
   again = load_tokenizer(tok.path)
-  assert isinstance(again, Tokenizer) and again.encode_batch(docs[:50]) == tok.encode_batch(docs[:50])
+  assert isinstance(again, Tokenizer)
+  assert again.encode_batch(docs[:50]) == tok.encode_batch(docs[:50])
   tok.save(str(tmp_path / "folder"))
   folder = load_tokenizer(str(tmp_path / "folder"))  # its tokenizer.json, through `tokenizers`
   assert (folder.bos_id, folder.eos_id, folder.pad_id, folder.vocab_size) == (2, 3, 0, 512)
@@ -176,6 +177,16 @@ def test_folder_special_ids(folders, name, bos, eos, pad, vocab):
   # Same answer from the folder, its tokenizer file, and the batch API.
   inner = os.path.join(folders[name], "tokenizer.json" if name != "llama2" else "tokenizer.model")
   assert load_tokenizer(inner).encode(text) == ids and t.encode_batch([text, "x"])[0] == ids
+
+
+def test_an_ordinary_token_named_as_pad_is_not_used(tmp_path):
+  """GPT-2 fine-tunes often set pad_token_id=0, which is "!": decode would drop real text."""
+  folder = _bytelevel_folder(tmp_path / "gpt2", ["<|endoftext|>"],
+                             tokenizer_config={"eos_token": "<|endoftext|>"},
+                             config={"pad_token_id": 5, "eos_token_id": 0})
+  t = load_tokenizer(folder)
+  assert t.bos_id is None and t.pad_id == t.vocab_size == 300
+  assert t.decode([5]) != "" and t.decode(t.encode("wow!! ok")) == "wow!! ok"  # id 5 is text
 
 
 def test_missing_folder_files_name_the_path(tmp_path):

@@ -77,6 +77,7 @@ class DataSources:
     self.cfg, self.workdir, self.seed = data_cfg, workdir, seed
     self.synthetic = data_cfg.source == "synthetic"
     self.tfds_dir = os.path.join(workdir, "tfds")
+    self.prompt_counts = {}  # split -> what prompt_set's budget did (truncated / dropped)
 
   # ----------------------------------------------------------------- tokenizer
   @functools.cached_property
@@ -219,12 +220,15 @@ class DataSources:
     return rows, stats.num_skipped
 
   def prompt_set(self, split: str):
-    """(prompt texts, left-padded prompt arrays with `index` into the texts)."""
+    """(prompt texts, left-padded prompt arrays with `index` into the texts).
+
+    Prompts over the budget keep their end; the counts land in `prompt_counts[split]`.
+    """
     texts = self.prompts(split)
     tok = self.tokenizer
-    ex, _ = batching.prompt_examples(tok.encode_batch([self.prompt_text(p) for p in texts]),
-                                     self.max_prompt_len, tok.bos_id, tok.pad_id,
-                                     overlong="truncate")
+    ids = tok.encode_batch([self.prompt_text(p) for p in texts])
+    ex, self.prompt_counts[split] = batching.prompt_examples(
+        ids, self.max_prompt_len, tok.bos_id, tok.pad_id, overlong="truncate")
     return texts, ex
 
   def rankings(self, label_dir: str | None, max_k: int, eval_frac: float):

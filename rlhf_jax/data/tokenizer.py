@@ -23,8 +23,10 @@ vocabulary with added tokens, or the folder's config.json `vocab_size` if larger
 
 Our BPE trains in well under a second on the synthetic world's 50k documents and maps
 every world word to a single piece. It keeps whitespace as written
-(`remove_extra_whitespaces=False`), so real text round-trips and a saved copy encodes
-identically under transformers' Llama tokenizer.
+(`remove_extra_whitespaces=False`), so real text round-trips, and a text's leading
+space is sentencepiece's word-start prefix (as in transformers' Llama tokenizer), so a
+response encoded alone gives the tokens it has after its prompt. `Tokenizer.save`
+writes an exact tokenizer.json beside tokenizer.model.
 """
 from __future__ import annotations
 
@@ -141,7 +143,10 @@ class SentencePieceTokenizer(BaseTokenizer):
     self._n_tokens = max([processor.get_piece_size()] + [i + 1 for i in self._added])
     self.vocab_size = max(self._n_tokens, vocab_size)
     self.bos_id, self.eos_id, self.unk_id = bos_id, eos_id, unk_id
-    self.pad_id = _real_pad(pad_id, self.eos_id, self.bos_id, self.unk_id, self.vocab_size)
+    special = lambda i: i in self._added or (0 <= i < self._sp.get_piece_size() and (
+        processor.is_control(i) or processor.is_unknown(i)))
+    self.pad_id = _real_pad(pad_id, self.eos_id, self.bos_id, self.unk_id, self.vocab_size,
+                            special)
 
   def _encode_batch(self, texts):
     if self._space_is_prefix:
@@ -174,7 +179,8 @@ class SentencePieceTokenizer(BaseTokenizer):
     # pieces and ids, BOS added when we add one.
     return {"tokenizer_class": "LlamaTokenizer", **self.special_tokens(),
             "add_bos_token": self.bos_id is not None, "add_eos_token": False,
-            "add_prefix_space": _dummy_prefix(self._sp), "legacy": True, "clean_up_tokenization_spaces": False}
+            "add_prefix_space": self._space_is_prefix, "legacy": False,
+            "clean_up_tokenization_spaces": False}
 
 
 class Tokenizer(SentencePieceTokenizer):
@@ -306,12 +312,16 @@ class HFTokenizer(BaseTokenizer):
                        "tokenizer_config.json / special_tokens_map.json and eos_token_id "
                        "in generation_config.json / config.json)")
     self.unk_id = _special(meta, "unk", to_id)
+    add_bos = meta["tokenizer_config.json"].get("add_bos_token")
     bos = self._prepended()
-    if bos is None and meta["tokenizer_config.json"].get("add_bos_token"):
+    if bos is None and add_bos:
       bos = _special(meta, "bos", to_id)
+    if add_bos is False:  # transformers' Llama/Gemma tokenizers then add none either
+      bos = None
     self.bos_id = None if bos == self.eos_id else bos
+    added = self._tok.get_added_tokens_decoder()
     self.pad_id = _real_pad(_special(meta, "pad", to_id), self.eos_id, self.bos_id,
-                            self.unk_id, self.vocab_size)
+                            self.unk_id, self.vocab_size, lambda i: i in added and added[i].special)
 
   def _prepended(self):
     """The id the tokenizer's post-processor puts before a text (its BOS), if any."""
@@ -445,9 +455,14 @@ def _special(meta: dict, name: str, to_id):
   return None
 
 
-def _real_pad(pad, eos, bos, unk, vocab_size: int) -> int:
-  """The folder's PAD if it is a token of its own, else vocab_size (see module doc)."""
-  return pad if pad is not None and pad not in (eos, bos, unk) else vocab_size
+def _real_pad(pad, eos, bos, unk, vocab_size: int, is_special) -> int:
+  """The folder's PAD if it is a special token of its own, else vocab_size (see module
+  doc). A config naming an ordinary token as PAD (GPT-2 fine-tunes with pad_token_id=0,
+  "!") would otherwise make decode drop real text; EOS/BOS/UNK as PAD would make padding
+  read as an ending, a start, or unknown text."""
+  if pad is None or pad >= vocab_size or pad in (eos, bos, unk) or not is_special(pad):
+    return vocab_size
+  return pad
 
 
 def _copy_files(files, out_dir) -> set:

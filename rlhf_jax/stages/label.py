@@ -100,4 +100,6 @@ def run(ctx) -> dict:
       "sample_gold_mean": float(gold.mean()), "sample_gold_std": float(gold.std()),
       "no_eos_frac": float(1 - s["ended"].mean()),
       "mean_response_tokens": float(s["response_mask"].sum(-1).mean()),
+      "prompt_truncated": ctx.sources.prompt_counts["reward"]["prompt_truncated"],
+      "prompt_dropped": ctx.sources.prompt_counts["reward"]["dropped"],
   }
