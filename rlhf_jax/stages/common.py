@@ -112,10 +112,16 @@ class HostBatcher:
     return {k: v[idx] for k, v in self.batcher.examples.items()}
 
 
-def host_batcher(ctx, arrays: dict, global_batch: int, stream) -> HostBatcher:
+def host_batcher(ctx, arrays: dict, global_batch: int, stream=None, *,
+                 seed_offset: int | None = None) -> HostBatcher:
   """Batches of one named random stream (e.g. "sft", "ppo/prompts"): its seed folds the
   name into config.seed (`sources.stream_seed`), so no two streams of any two seeds
-  coincide (seed + offset made seed 1's pretraining order seed 0's SFT order)."""
+  coincide (seed + offset made seed 1's pretraining order seed 0's SFT order).
+  seed_offset (the old interface) names the stream "offset_N"; prefer a name."""
+  if stream is None:
+    if seed_offset is None:
+      raise TypeError("host_batcher: name the random stream (stream='stage/purpose')")
+    stream = f"offset_{seed_offset}"
   seed = stream_seed(ctx.config.seed, "batches", str(stream))
   return HostBatcher(arrays, global_batch, seed, ctx.mesh, name=str(stream))
 
@@ -155,13 +161,15 @@ def make_evaluator(ctx, eval_loss: Callable, batches: list[dict]):
 def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_loss: Callable,
                      train_arrays: dict, eval_arrays: dict, init_params: Callable | None,
                      extra_meta: dict | None = None, tokens_per_example: int = 0,
-                     stream: str | None = None) -> tuple[dict, dict]:
+                     stream: str | None = None, seed_offset: int | None = None
+                     ) -> tuple[dict, dict]:
   """Train `model` on `train_arrays` with `loss_fn`; returns (summary figures, final state).
 
   init_params(): params to start from (another stage's checkpoint), or None
   for random initialisation. Only called when there is no checkpoint of this
   stage yet; an interrupted run resumes from its own checkpoint instead.
-  stream: the batch order's random stream (default: `name`, distinct per stage/round).
+  stream: the batch order's random stream (default: `name`, distinct per stage/round;
+  seed_offset, the old interface, is folded in as "NAME/offset_N").
   """
   stage_dir = ctx.stage_dir(name)
   optimizer = make_optimizer(tcfg.opt, tcfg.steps)
@@ -185,7 +193,9 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
     params = init_params() if init_params is not None else st.init_params(model, jax.random.fold_in(key, 2**31 - 1))
     state = init_state(params)
     init_eval = evaluator(state["params"])
-  batcher = host_batcher(ctx, train_arrays, tcfg.batch_size, stream or name)
+  if stream is None:
+    stream = name if seed_offset is None else f"{name}/offset_{seed_offset}"
+  batcher = host_batcher(ctx, train_arrays, tcfg.batch_size, stream)
   step = make_train_step(loss_fn, optimizer, grad_accum=tcfg.grad_accum, nonfinite=tcfg.nonfinite)
   step_fn = compile_step(step, ctx.mesh, st.shardings_of(abstract), batcher.get(0))
   state, rows = train_loop(
