@@ -558,10 +558,13 @@ def load_samples(workdir: str, name: str) -> list[dict]:
   return [r for r in rows if isinstance(r, dict) and "policy" in r and "prompt_index" in r]
 
 
-def _cell(text, limit: int = 240) -> str:
-  """Sample text inside a Markdown table cell: one line, no table or HTML syntax."""
-  t = str(text).replace("\n", " ⏎ ").replace("|", "\\|").replace("<", "&lt;")
-  return (t[:limit] + " …") if len(t) > limit else (t or "(empty)")
+def _cell(text, limit: int = 240, tail: bool = False) -> str:
+  """Sample text on one Markdown line, no table or HTML syntax; a long prompt keeps its
+  end (the turn being answered), a long response its start."""
+  t = str(text).strip().replace("\n", " ⏎ ").replace("|", "\\|").replace("<", "&lt;")
+  if len(t) > limit:
+    t = ("… " + t[-limit:]) if tail else (t[:limit] + " …")
+  return t or "(empty)"
 
 
 def _samples_section(workdir: str, n_prompts: int = 3) -> list[str]:
@@ -592,7 +595,7 @@ def _samples_section(workdir: str, n_prompts: int = 3) -> list[str]:
   for i in prompts:
     by = {p: next((r for r in latest[p][1] if r["prompt_index"] == i), None) for p in order}
     text = next(r["prompt"] for r in by.values() if r is not None)
-    md += [f"**Prompt {i}**: {_cell(text)}", ""]
+    md += [f"**Prompt {i}**: {_cell(text, tail=True)}", ""]
     header = ["policy", "response", "proxy"] + (["gold"] if gold else [])
     lines = []
     for p, r in by.items():
