@@ -182,7 +182,10 @@ def check_workdir_config(config, workdir: str) -> dict:
           f"{_show(bad)}; use a fresh --workdir, the original values, or delete "
           f"{workdir}/{name} (and the stages after it) to redo it")
   if last is not None and os.path.exists(os.path.join(workdir, "tokenizer.model")):
-    bad = _diff(last, current, {"data.tokenizer", "data.vocab_size"})
+    keys = {"data.tokenizer", "data.vocab_size"}
+    if not last.get("data.tokenizer"):  # trained from the corpus into DIR
+      keys |= {"data." + k for k in _CORPUS}
+    bad = _diff(last, current, keys)
     if bad:  # a trained tokenizer is reused, so a new vocab_size would be ignored silently
       raise CheckpointMismatch(
           f"{workdir}/tokenizer.model was made with a different config (then -> now): "

@@ -423,14 +423,14 @@ def _flat(d: dict, prefix: str = "") -> dict:
   return out
 
 
-def _config_section(workdir: str, present: list[str]) -> list[str]:
-  """The stages that ran, the latest run's config, and what changed since the first run."""
+def _config_section(workdir: str) -> list[str]:
+  """The latest run's config and what changed since the first run (the stages that ran,
+  with their wall times, follow on the next line)."""
   cfg = _config(workdir)
   if not cfg:
     return ["(no config.json in the workdir)", ""]
   m, data = cfg.get("model") or {}, cfg.get("data") or {}
-  md = [f"Stages run in this workdir: {', '.join(f'`{s}`' for s in present) or 'none'}. "
-        f"Latest run: stages `{cfg.get('stages')}`, seed {cfg.get('seed')}, model "
+  md = [f"Latest run: stages `{cfg.get('stages')}`, seed {cfg.get('seed')}, model "
         f"d_model={m.get('d_model')} x {m.get('n_layers')} layers, data source `{data.get('source')}`"
         + (f", data.skip_bad={data.get('skip_bad')}" if data.get("skip_bad") else "") + ".", ""]
   first = _config(workdir, "config_first.json")
@@ -567,10 +567,13 @@ def load_samples(workdir: str, name: str) -> list[dict]:
   return [r for r in rows if isinstance(r, dict) and "policy" in r and "prompt_index" in r]
 
 
-def _cell(text, limit: int = 240) -> str:
-  """Sample text inside a Markdown table cell: one line, no table or HTML syntax."""
-  t = str(text).replace("\n", " ⏎ ").replace("|", "\\|").replace("<", "&lt;")
-  return (t[:limit] + " …") if len(t) > limit else (t or "(empty)")
+def _cell(text, limit: int = 240, tail: bool = False) -> str:
+  """Sample text on one Markdown line, no table or HTML syntax; a long prompt keeps its
+  end (the turn being answered), a long response its start."""
+  t = str(text).strip().replace("\n", " ⏎ ").replace("|", "\\|").replace("<", "&lt;")
+  if len(t) > limit:
+    t = ("… " + t[-limit:]) if tail else (t[:limit] + " …")
+  return t or "(empty)"
 
 
 def _samples_section(workdir: str, n_prompts: int = 3) -> list[str]:
@@ -590,7 +593,7 @@ def _samples_section(workdir: str, n_prompts: int = 3) -> list[str]:
       latest[r["policy"]] = (step, [r])
     elif step == have[0]:
       have[1].append(r)
-  order = sorted(latest, key=lambda p: (p != "sft", p))
+  order = sorted(latest, key=lambda p: p != "sft")  # SFT first, then as evaluated
   first = latest[order[0]][1]
   prompts = sorted({r["prompt_index"] for r in first})[:n_prompts]
   gold = any("gold" in r for r in rows)
@@ -601,7 +604,7 @@ def _samples_section(workdir: str, n_prompts: int = 3) -> list[str]:
   for i in prompts:
     by = {p: next((r for r in latest[p][1] if r["prompt_index"] == i), None) for p in order}
     text = next(r["prompt"] for r in by.values() if r is not None)
-    md += [f"**Prompt {i}**: {_cell(text)}", ""]
+    md += [f"**Prompt {i}**: {_cell(text, tail=True)}", ""]
     header = ["policy", "response", "proxy"] + (["gold"] if gold else [])
     lines = []
     for p, r in by.items():
@@ -623,7 +626,7 @@ def build_report(workdir: str, out_dir: str | None = None) -> str:
   present = [s for s in STAGES if load_summary(workdir, s) is not None]
   missing = [s for s in STAGES if s not in present]
   md = [f"# RLHF run report: `{os.path.basename(workdir)}`", ""]
-  md += _config_section(workdir, present)
+  md += _config_section(workdir)
   walls = [f"{s} {fmt(load_summary(workdir, s).get('wall_seconds'), 1)}s" for s in present]
   md += ["Finished stages: " + (", ".join(walls) if walls else "none") + ".", ""]
   md += _headline(workdir, missing)

@@ -239,3 +239,45 @@ def test_every_declared_dependency_is_installed_and_used():
     if dist not in _INDIRECT:
       assert any(u == module or u.startswith(module + ".") for u in used), \
           f"{dist} is declared in setup.py but nothing imports {module}"
+
+
+# ------------------------------------------------------- issue 14: report samples
+
+def test_sample_log_and_the_reports_samples_section(tmp_path):
+  from rlhf_jax.stages.policy_eval import SampleLog
+  path = str(tmp_path / "evaluate" / "samples.jsonl")
+  os.makedirs(os.path.dirname(path))
+  prompts = [f"prompt {i} | <b>" for i in range(5)]
+
+  def samples(shift, gold=True):
+    return {"index": np.array([4, 3, 2, 1, 0]), "texts": [f"resp {shift}.{i}" for i in range(5)],
+            "proxy": np.arange(5) + shift, "ended": np.array([True, True, False, True, True]),
+            "gold": np.arange(5) * 0.5 if gold else np.full(5, np.nan)}
+
+  log = SampleLog(path)
+  log.write({"policy": "sft"}, samples(0), prompts)
+  log.write({"policy": "ppo", "iteration": 2}, samples(1), prompts)
+  log.write({"policy": "ppo", "iteration": 4}, samples(2), prompts)
+  log.write({"policy": "ppo", "iteration": 4}, samples(9), prompts)  # already there: skipped
+  rows = helpers.read_jsonl(path)
+  assert len(rows) == 15 and rows[0] == {"policy": "sft", "prompt_index": 4, "prompt": prompts[4],
+                                         "response": "resp 0.0", "proxy": 0.0, "ended": True,
+                                         "gold": 0.0}
+  # A resume keeps the evaluations it will not redo, and writes none of them twice.
+  log = SampleLog(path, keep=lambda r: r["policy"] == "ppo" and r["iteration"] <= 2)
+  log.write({"policy": "ppo", "iteration": 2}, samples(7), prompts)
+  log.write({"policy": "ppo", "iteration": 4}, samples(2), prompts)
+  assert [(r["iteration"], r["response"]) for r in helpers.read_jsonl(path)][::5] == \
+      [(2, "resp 1.0"), (4, "resp 2.0")]
+  log = SampleLog(path)
+  log.write({"policy": "sft"}, samples(0), prompts)
+  log.write({"policy": "ppo", "iteration": 4}, samples(2), prompts)
+  md = "\n".join(report._samples_section(str(tmp_path)))
+  assert md.count("**Prompt ") == 3 and "**Prompt 0**: prompt 0 \\| &lt;b>" in md
+  assert "| sft | resp 0.4 | 4 | 2 |" in md and "| ppo (iteration 4) | resp 2.4 | 6 | 2 |" in md
+  assert "resp 0.2 [no EOS]" in md
+  log = SampleLog(path)  # without a gold scorer: no gold in the rows, no gold column
+  log.write({"policy": "sft"}, samples(0, gold=False), prompts)
+  assert "gold" not in helpers.read_jsonl(path)[0]
+  md = "\n".join(report._samples_section(str(tmp_path)))
+  assert "| policy | response | proxy |" in md and "| sft | resp 0.4 | 4 |" in md

@@ -126,7 +126,7 @@ class HostBatcher:
     return {k: v[idx] for k, v in self.batcher.examples.items()}
 
 
-def host_batcher(ctx, arrays: dict, global_batch: int, stream) -> HostBatcher:
+def host_batcher(ctx, arrays: dict, global_batch: int, stream: str) -> HostBatcher:
   """Batches of one named random stream (e.g. "sft", "ppo/prompts"): its seed folds the
   name into config.seed (`sources.stream_seed`), so no two streams of any two seeds
   coincide (seed + offset made seed 1's pretraining order seed 0's SFT order)."""
