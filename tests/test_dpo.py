@@ -59,8 +59,9 @@ def test_dpo_steps_raise_implicit_reward_accuracy():
   for b in (train, held):  # the reference's log-probs, once per pair
     for side in ("chosen", "rejected"):
       b[f"ref_{side}"] = logp(ref, b[f"{side}_tokens"], b[f"{side}_mask"], b[f"{side}_loss_mask"])
-  # IPO regresses h to 1 / (2 beta): beta 0.1 puts that target (5 nats) beyond three steps.
-  for loss_type, beta in (("sigmoid", 0.5), ("ipo", 0.1)):
+  # IPO (its loss is checked against the formula in test_preference_math) would regress h to
+  # 1 / (2 beta); one compiled step per loss type is test time, so DPO's sigmoid only here.
+  for loss_type, beta in (("sigmoid", 0.5),):
     dc = tiny.get_config("test").dpo.copy_and_resolve_references()
     dc.update(beta=beta, loss_type=loss_type)
     dc.opt.update(lr=3e-3, warmup_steps=0)
@@ -82,3 +83,24 @@ def test_dpo_steps_raise_implicit_reward_accuracy():
     assert float(after["accuracy"]) > 0.8 and float(after["margin"]) > 0
     assert float(after["loss"]) < float(before["loss"])
     assert float(after["chosen_reward"]) > float(after["rejected_reward"])
+
+
+def test_bad_dpo_and_grpo_settings_fail_naming_the_key():
+  import pytest
+  from rlhf_jax import config_lib
+  cases = [("dpo.loss_type", "hinge", "config.dpo.loss_type"),
+           ("dpo.beta", 0.0, "config.dpo.beta"),
+           ("dpo.label_smoothing", 0.5, "config.dpo.label_smoothing"),
+           ("dpo.pairs", "random", "config.dpo.pairs"),
+           ("grpo.k", 1, "config.grpo.k"),
+           ("grpo.advantage", "ppo", "config.grpo.advantage"),
+           ("grpo.loss_agg", "sum", "config.grpo.loss_agg"),
+           ("grpo.minibatches", 3, "config.grpo.prompts_per_iteration"),  # 4 x 2 rows into 3
+           ("grpo.response_len", 60, "config.grpo.response_len")]
+  for key, value, msg in cases:
+    c = tiny.get_config("test")
+    with c.unlocked():
+      section, field = key.split(".")
+      c[section][field] = value
+    with pytest.raises(config_lib.ConfigError, match=msg.replace(".", r"\.")):
+      config_lib.validate(c, 1)
