@@ -99,6 +99,9 @@ def get_config(arg=None):
       pairs="all",  # all untied pairs of a ranking (InstructGPT's C(K,2)) | best_vs_rest
       eval_frac=0.1,  # held-out rankings for pair loss / accuracy (as reward.eval_frac)
       response_len=32,  # held-out policy samples; = ppo.response_len so arms compare
+      # Online DPO: batch_size prompts x 2 fresh samples per step, ranked by the reward model
+      # (Guo et al. 2024); the rankings above are then unused.
+      online=False,
   ))
   # Critic-free RL: K samples per prompt, the group is the baseline (no value model).
   c.grpo = dict(

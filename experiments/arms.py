@@ -11,6 +11,7 @@ runner can match every arm to one FLOP (or sampled-token) budget.
   bok_k<K>         best-of-K rejection-sampling fine-tuning       Dong et al. 2023
   dpo_b<beta>      DPO on the label stage's rankings              Rafailov et al. 2023
   ipo_b<beta>      IPO                                            Azar et al. 2023
+  online_dpo_b<beta> DPO on fresh pairs ranked by the RM each step Guo et al. 2024
   grpo_k<K>        GRPO: (s - mean) / std, k3 KL loss, 1/|o| mean Shao et al. 2024
   rloo_k<K>        RLOO: leave-one-out baseline, KL in reward     Ahmadian et al. 2024
   drgrpo_k<K>      Dr. GRPO: s - mean, constant normaliser        Liu et al. 2025
@@ -58,6 +59,11 @@ def dpo_compute(cfg, model_cfg) -> dict:
   return compute(cfg, model_cfg, prompts * per_prompt)
 
 
+def online_dpo_compute(cfg, model_cfg) -> dict:
+  from rlhf_jax.stages.online_dpo import compute_per_step
+  return compute_per_step(cfg, model_cfg, cfg.data.prompt_len)
+
+
 def grpo_compute(cfg, model_cfg) -> dict:
   from rlhf_jax.stages.grpo import compute_per_iteration
   return compute_per_iteration(cfg, model_cfg, cfg.data.prompt_len)
@@ -93,6 +99,9 @@ REGISTRY = (
     ArmKind(rf"ipo_b{_NUM}", "dpo",
             lambda m: {"dpo.loss_type": "ipo", "dpo.beta": float(m.group(1)),
                        "dpo.label_smoothing": 0.0}, "dpo.steps", dpo_compute, unit="steps"),
+    ArmKind(rf"online_dpo_b{_NUM}", "dpo",
+            lambda m: {"dpo.online": True, "dpo.loss_type": "sigmoid", "dpo.beta": float(m.group(1))},
+            "dpo.steps", online_dpo_compute, unit="steps"),
     ArmKind(r"grpo_k(\d+)", "grpo", _grpo("grpo", "loss", "sequence"), "grpo.iterations",
             grpo_compute),
     ArmKind(r"rloo_k(\d+)", "grpo", _grpo("rloo", "reward", "token"), "grpo.iterations",
@@ -101,7 +110,8 @@ REGISTRY = (
             grpo_compute),
 )
 
-NAMES = "ppo_kl<beta>, ppo_adaptive, bok_k<K>, dpo_b<beta>, ipo_b<beta>, grpo_k<K>, rloo_k<K>, drgrpo_k<K>"
+NAMES = ("ppo_kl<beta>, ppo_adaptive, bok_k<K>, dpo_b<beta>, ipo_b<beta>, online_dpo_b<beta>, "
+         "grpo_k<K>, rloo_k<K>, drgrpo_k<K>")
 
 
 def lookup(name: str) -> tuple[ArmKind, dict]:

@@ -48,7 +48,7 @@ from rlhf_jax import report as rp
 SHARED_STAGES = ("pretrain", "sft", "label", "reward")
 DEFAULT_ARMS = "ppo_kl0,ppo_kl0.02,ppo_adaptive,bok_k4,dpo_b0.1,ipo_b0.1,grpo_k4,rloo_k4"
 ALL_ARMS = ("ppo_kl0,ppo_kl0.02,ppo_kl0.1,ppo_adaptive,bok_k4,bok_k16,dpo_b0.1,dpo_b0.5,ipo_b0.1,"
-            "grpo_k4,grpo_k8,rloo_k4,drgrpo_k4")
+            "online_dpo_b0.1,grpo_k4,grpo_k8,rloo_k4,drgrpo_k4")
 QUICK_ARMS = "ppo_kl0,ppo_adaptive,bok_k4"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -192,7 +192,7 @@ def arm_result(workdir: str, stage: str) -> dict | None:
     pts = sorted(s.get("eval_points") or [], key=lambda p: rp.num(p.get("iteration")))
     if stage == "dpo":  # offline: reference log-probs once, no sampling (the label stage's is shared)
       flops = rp.num(s.get("offline_flops")) + rp.num(s.get("flops_per_step")) * rp.num(s.get("steps"))
-      tokens = 0.0
+      tokens = rp.num(s.get("tokens_sampled_per_step", 0.0)) * rp.num(s.get("steps"))  # online
     else:
       iters = rp.num(s.get("iterations"))
       flops = rp.num(s.get("flops_per_iteration")) * iters

@@ -132,7 +132,7 @@ def validate(config, n_devices: int, n_processes: int = 1) -> None:
   _choice(config, "data.overlong", ("truncate", "drop"))
   for stage in ("pretrain", "sft", "reward"):
     _validate_train(config, stage, dp, n_processes)
-  _validate_rl(config, dp, n_processes)
+  _validate_rl(config, dp, n_processes, stages)
 
 
 def _validate_model_family(config) -> None:
@@ -191,7 +191,7 @@ def _check_batch(config, key: str, value: int, multiple: int, n_processes: int) 
     _fail(key, f"{value} is not divisible by the {n_processes} processes")
 
 
-def _validate_rl(config, dp: int, n_processes: int) -> None:
+def _validate_rl(config, dp: int, n_processes: int, stages=()) -> None:
   lab = config.label
   if not 2 <= lab.k <= 9:
     _fail("label.k", f"K must be between 2 and 9 (InstructGPT used 4 to 9), got {lab.k}")
@@ -227,10 +227,12 @@ def _validate_rl(config, dp: int, n_processes: int) -> None:
                n_processes)
   _validate_opt(config, "best_of_k.train.opt")
   _check_batch(config, "evaluate.batch_size", config.evaluate.batch_size, dp, n_processes)
-  if "dpo" in config:
-    _validate_dpo(config, dp, n_processes)
-  if "grpo" in config:
-    _validate_grpo(config, dp, n_processes)
+  for name, check in (("dpo", _validate_dpo), ("grpo", _validate_grpo)):
+    if name in config:
+      check(config, dp, n_processes)
+    elif name in stages:
+      _fail("stages", f"stage {name} is listed but the config has no `{name}` section "
+            f"(see configs/tiny.py)")
   if math.isnan(config.ppo.missing_eos_penalty):
     _fail("ppo.missing_eos_penalty", "must be a number")
 

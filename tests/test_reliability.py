@@ -45,7 +45,7 @@ OVERRIDES = ("--config.pretrain.ckpt_every=5", "--config.pretrain.log_every=1",
              "--config.dpo.ckpt_every=1", "--config.grpo.ckpt_every=1")
 SEED = int(os.environ.get("RLHF_JAX_KILL_SEED", "20240601"))
 TMP_MARK = "orbax-checkpoint-tmp"
-LAUNCH_TIMEOUT = 600
+LAUNCH_TIMEOUT = int(os.environ.get("RLHF_JAX_LAUNCH_TIMEOUT", "600"))  # raise on a loaded machine
 
 # What happens to each stage, in order, before a last run to completion:
 #   time: SIGKILL at a random moment after "[stage] starting" (a fraction, drawn

@@ -9,7 +9,8 @@ not recomputed per step (Rafailov et al. 2023, sec. 4: pi_ref is fixed). The los
 is `losses.dpo_loss` (DPO / cDPO / IPO by config). Evaluation: held-out pairs
 (loss, implicit-reward accuracy and margins) plus the shared PolicyEvaluator on
 the held-out prompts (gold, proxy, KL from SFT, win rate), so DPO's points land
-on the same frontier as PPO's.
+on the same frontier as PPO's. `dpo.online=True` samples and ranks fresh pairs each
+step instead (`stages/online_dpo.py`).
 """
 from __future__ import annotations
 
@@ -153,6 +154,9 @@ def compute(cfg, model_cfg, n_pairs: int) -> dict:
 
 def run(ctx) -> dict:
   cfg, dc = ctx.config, ctx.config.dpo
+  if dc.get("online"):
+    from rlhf_jax.stages import online_dpo
+    return online_dpo.run(ctx)
   model = st.make_model(ctx.model_cfg, ctx.mesh)
   reward = RewardModel(ctx, model)
   sft_params, _ = common.load_params(ctx, "sft", model)
