@@ -17,8 +17,8 @@ from rlhf_jax.losses import dpo_loss
 from rlhf_jax.model.transformer import flops_per_token, param_count
 from rlhf_jax.sampling import generate
 from rlhf_jax.stages import common
-from rlhf_jax.stages.policy_eval import PolicyEvaluator, RewardModel, sample_config
-from rlhf_jax.stages.rollout import eval_points, response_logprobs, sequence_scores
+from rlhf_jax.stages.policy_eval import PolicyEvaluator, RewardModel, SampleLog, sample_config
+from rlhf_jax.stages.rollout import eval_points, policy_figures, response_logprobs, sequence_scores
 from rlhf_jax.train import sharding as sh
 from rlhf_jax.train import state as st
 from rlhf_jax.train.loop import train_loop
@@ -96,29 +96,29 @@ def run(ctx) -> dict:
     print(f"[dpo] resuming from step {int(state['step'])}", flush=True)
   else:
     state = init_state(jax.jit(lambda p: jax.tree.map(jnp.copy, p))(sft_params))
-  batcher = common.host_batcher(ctx, prompts, dc.batch_size, seed_offset=7)
+  batcher = common.host_batcher(ctx, prompts, dc.batch_size, "dpo/online_prompts")
   batch_sh = jax.tree.map(lambda x: sh.batch_sharding(ctx.mesh, np.ndim(x)), batcher.get(0))
   shardings = st.shardings_of(abstract)
   compiled = jax.jit(step, in_shardings=(shardings, jax.tree.map(lambda x: x.sharding, frozen),
                                          batch_sh, sh.replicated(ctx.mesh)),
                      out_shardings=(shardings, sh.replicated(ctx.mesh)), donate_argnums=(0,))
   evaluator = PolicyEvaluator(ctx, model, reward, sft_params, response_len=dc.response_len,
-                              temperature=cfg.evaluate.temperature, batch_size=cfg.evaluate.batch_size)
+                              temperature=cfg.evaluate.temperature, batch_size=cfg.evaluate.batch_size,
+                              log=SampleLog.for_stage(ctx, "dpo", int(sh.to_host(state["step"]))))
+  tag = lambda s: {"policy": "dpo", "iteration": int(sh.to_host(s["step"]))}
   c = compute_per_step(cfg, ctx.model_cfg, prompt_len)
   state, _ = train_loop(
       name="dpo", stage_dir=ctx.stage_dir("dpo"), state=state,
       step_fn=lambda s, b, r: compiled(s, frozen, b, r), get_batch=batcher.get,
       total_steps=dc.steps, key=ctx.key("dpo"), mesh=ctx.mesh, ckpt=ckpt,
       meta_fn=lambda s: {**meta, "data_position": s}, log_every=dc.log_every,
-      ckpt_every=dc.ckpt_every, eval_fn=lambda s: evaluator.evaluate(s["params"]),
+      ckpt_every=dc.ckpt_every, eval_fn=lambda s: evaluator.evaluate(s["params"], tag(s)),
       eval_every=dc.eval_every, tokens_per_step=c["tokens_sampled"], nonfinite=dc.nonfinite)
   ckpt.close()
-  sft_eval, final = evaluator.evaluate(sft_params), evaluator.evaluate(state["params"])
+  sft_eval = evaluator.evaluate(sft_params, {"policy": "sft"})
+  final = evaluator.evaluate(state["params"], tag(state))
   return {
-      "online": True, "sft_gold_reward": sft_eval["gold_reward"],
-      "sft_proxy_reward": sft_eval["proxy_reward"], "gold_reward": final["gold_reward"],
-      "proxy_reward": final["proxy_reward"], "kl": final["kl"],
-      "win_rate_vs_sft": final["win_rate_vs_sft"], "response_length": final["response_length"],
+      "online": True, **policy_figures(sft_eval, final),
       "loss_type": dc.loss_type, "beta": dc.beta, "steps": dc.steps,
       "skipped_updates": int(sh.to_host(state["skipped"])), "flops_per_step": c["flops"],
       "offline_flops": 0.0, "tokens_sampled_per_step": c["tokens_sampled"],
