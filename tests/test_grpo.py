@@ -27,8 +27,8 @@ def test_group_baseline_raises_a_token_frequency_reward(advantage, kl_mode, agg)
   gc.update(prompts_per_iteration=8, k=4, minibatches=2, epochs=2, response_len=8, kl_coef=0.01,
             use_eos_penalty=False, advantage=advantage, kl_mode=kl_mode, loss_agg=agg)
   gc.opt.update(lr=3e-3)
-  cfg = ModelConfig(vocab_size=16, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64,
-                    max_len=32)
+  cfg = ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64,
+                    max_len=16)  # one layer: half the compile time of PPO's toy model
   model = st.make_model(cfg)
   policy = st.init_params(model, jax.random.key(0))
   opt = make_optimizer(gc.opt, 100)
@@ -40,7 +40,7 @@ def test_group_baseline_raises_a_token_frequency_reward(advantage, kl_mode, agg)
   frozen = {"ref": jax.tree.map(jnp.copy, policy)}
   rng = np.random.default_rng(0)
   scores = []
-  for i in range(12):
+  for i in range(8):  # seen: 0.08 -> 0.60 (grpo), 0.08 -> 0.78 (rloo) by the eighth
     prompt = np.concatenate([np.full((8, 1), 2), rng.integers(4, 16, (8, prompt_len - 1))], 1)
     batch = {"prompt": jnp.asarray(prompt, jnp.int32), "prompt_mask": jnp.ones((8, prompt_len), bool),
              "index": jnp.arange(8, dtype=jnp.int32)}
@@ -52,4 +52,4 @@ def test_group_baseline_raises_a_token_frequency_reward(advantage, kl_mode, agg)
   assert scores[0] < 0.2
   assert np.mean(scores[-3:]) > scores[0] + 0.25, scores
   assert float(m["kl"]) > 0
-  assert int(state["skipped"]) == 0 and int(state["step"]) == 12
+  assert int(state["skipped"]) == 0 and int(state["step"]) == 8

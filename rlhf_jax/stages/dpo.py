@@ -15,6 +15,7 @@ step instead (`stages/online_dpo.py`).
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -119,7 +120,6 @@ def reference_logps(ctx, model, params, arrays: dict, batch_size: int) -> dict:
 
 def load_pairs(ctx, dc):
   """(train, eval) pair arrays with reference log-probs to come, split by ranking."""
-  import os
   recs, prompts, stats = ctx.sources.ranking_records(os.path.join(ctx.stage_dir("label"), "data"))
   tok = ctx.sources.tokenizer
   n_eval = max(1, int(len(recs) * dc.eval_frac))
