@@ -103,6 +103,11 @@ STAGE_DATA = {
     "ppo": _PROMPTS + _CORPUS + ("rl_prompts", "eval_prompts", "seq_len"),  # ptx reads the corpus
     "best_of_k": _PROMPTS + ("rl_prompts", "eval_prompts", "sft_examples", "max_len", "overlong"),
     "evaluate": _PROMPTS + ("eval_prompts",),
+    # Second-wave stages (checked when config_lib.STAGES lists them): their prompts and
+    # rankings, as for the stages they replace.
+    "dpo": _PROMPTS + ("reward_prompts", "rl_prompts", "eval_prompts", "files.ranking",
+                       "files.ranking_format", "max_len", "overlong"),
+    "grpo": _PROMPTS + ("rl_prompts", "eval_prompts"),
 }
 # Read by no stage's output: changing them never invalidates finished work.
 _DATA_FREE = ("skip_bad",)
