@@ -113,7 +113,7 @@ def run(ctx) -> dict:
       train_arrays=train, eval_arrays=evals,
       init_params=lambda: _fresh_head(model, common.load_params(ctx, "sft", model)[0],
                                       jax.random.fold_in(ctx.key("reward"), 7)),
-      seed_offset=4)
+      seed_offset=4, base="sft", heads=("scalar_head",))  # LoRA: the fresh head trains in full
   params = state["params"]
   rewards = _rewards_of(ctx, model, params, evals, rc.batch_size)
   ev_loss, ev = jax.jit(ranking_loss)(rewards, evals["ranks"], evals["valid"])
