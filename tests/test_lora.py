@@ -180,4 +180,4 @@ def test_ppo_with_lora_raises_the_toy_reward():
   assert scores[0] < 0.2
   assert np.mean(scores[-3:]) > scores[0] + 0.25, scores
   assert float(m["kl"]) > 0
-  assert lora.count(state["params"]) < 0.25 * lora.count(sft)
+  assert lora.count(state["params"]) < 0.5 * lora.count(sft)  # rank 8 of d=32: 35%

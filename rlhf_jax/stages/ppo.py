@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.model.transformer import flops_per_token, param_count
+from rlhf_jax.model.transformer import DTYPES, flops_per_token, param_count
 from rlhf_jax.stages import common
 from rlhf_jax.stages.policy_eval import PolicyEvaluator, RewardModel, decode_responses, sample_config
 from rlhf_jax.stages.ppo_step import Views, make_iteration
@@ -173,6 +173,9 @@ def lora_views(policy_ft, sampling: str):
   decode step (`on_the_fly`); docs/performance.md has the bench of both."""
   spec = policy_ft.spec
   off = lambda base: lora.apply_params({"adapters": {}}, base)  # adapters switched off
+  dt = DTYPES[policy_ft.model.cfg.dtype]
+  # The merged copy in the compute dtype, as the sampler would cast it: half the bytes.
+  cast = lambda x: x.astype(dt) if x.ndim >= 2 and x.dtype == jnp.float32 else x
 
   class LoraViews(Views):
     policy = staticmethod(lambda t, f: lora.apply_params(t, f["ref"]))
@@ -180,7 +183,8 @@ def lora_views(policy_ft, sampling: str):
     ref = staticmethod(lambda f: off(f["ref"]))
     reward = staticmethod(lambda f: off(f["reward"]))
     rollout = staticmethod(
-        (lambda t, f: lora.merged_params(t, f["ref"], spec)) if sampling == "merge"
+        (lambda t, f: jax.tree.map(cast, lora.merged_params(t, f["ref"], spec)))
+        if sampling == "merge"
         else (lambda t, f: lora.apply_params(t, f["ref"])))
   return LoraViews
 

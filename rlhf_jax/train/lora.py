@@ -253,17 +253,19 @@ def unpack(params, dtype=jnp.float32):
   return {**base, **params.get("full", {})}, params["adapters"]
 
 
-def merged_params(trainable, frozen, spec: LoraSpec):
+def merged_params(trainable, frozen, spec: LoraSpec, dtype=None):
   """Plain params (any stage, the export) with the adapters folded into the kernels:
-  W + scale * A @ B, computed on the dequantised base the adapters were trained with."""
+  W + scale * A @ B, computed on the dequantised base the adapters were trained with.
+  dtype: matrices cast to it (the sampler's compute dtype: it would cast them anyway,
+  and the merged copy is then half the size)."""
   base, ad = unpack(apply_params(trainable, frozen))
 
   def fold(path, w):
     names = tuple(getattr(k, "key", str(k)) for k in path)
     ab = _get(ad, names[:-1]) if names[-1] == "kernel" else None
-    if ab is None or "a" not in ab:
-      return w
-    return w + (spec.scale * (ab["a"] @ ab["b"])).reshape(w.shape).astype(w.dtype)
+    if ab is not None and "a" in ab:
+      w = w + (spec.scale * (ab["a"] @ ab["b"])).reshape(w.shape).astype(w.dtype)
+    return w.astype(dtype) if dtype is not None and w.ndim >= 2 and w.dtype == jnp.float32 else w
 
   return jax.tree_util.tree_map_with_path(fold, base)
 
