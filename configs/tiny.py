@@ -135,6 +135,7 @@ def get_config(arg=None):
                      ckpt_every=20, schedule="constant"),
   )
   c.evaluate = dict(batch_size=64, temperature=1.0)
+  c.lora = cl.lora()  # rank 0: full fine-tuning; --config.lora.rank=8 trains LoRA adapters
 
   if arg == "test":
     _shrink(c)

@@ -53,6 +53,25 @@ def model(**kw) -> mlc.ConfigDict:
   return mlc.ConfigDict(base)
 
 
+LORA_STAGES = ("sft", "reward", "ppo", "best_of_k", "dpo", "grpo")
+
+
+def lora(rank: int = 0, alpha: float = 16.0, dropout: float = 0.0, targets: str = "qkv,o,wi,down",
+         stages: str = "sft,reward,ppo,best_of_k", quant: str = "none", block_size: int = 64,
+         lr_scale: float = 10.0, sampling: str = "merge") -> mlc.ConfigDict:
+  """LoRA (Hu et al. 2021) / QLoRA (Dettmers et al. 2023); rank 0 = full fine-tuning.
+
+  targets: kernels that get adapters (qkv, o, wi, down, lm_head); stages: the stages that
+  train adapters instead of every weight; quant: how the frozen base is stored (none |
+  bfloat16 | int8 | nf4, block-wise absmax over block_size values); lr_scale: multiplies a
+  LoRA stage's learning rate (adapters want a larger one, Hu et al. 2021 sec. 5);
+  sampling: PPO rollouts on weights with the adapters merged once per iteration (merge)
+  or applied in every decode step (on_the_fly). See docs/lora.md."""
+  return mlc.ConfigDict(dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets,
+                             stages=stages, quant=quant, block_size=block_size,
+                             lr_scale=lr_scale, sampling=sampling))
+
+
 def _fail(key: str, msg: str):
   raise ConfigError(f"config.{key}: {msg}")
 
@@ -133,6 +152,8 @@ def validate(config, n_devices: int, n_processes: int = 1) -> None:
   for stage in ("pretrain", "sft", "reward"):
     _validate_train(config, stage, dp, n_processes)
   _validate_rl(config, dp, n_processes, stages)
+  if "lora" in config:
+    _validate_lora(config)
 
 
 def _validate_model_family(config) -> None:
@@ -161,6 +182,36 @@ def _validate_model_family(config) -> None:
   for key in ("attn_scale", "attn_softcap", "final_softcap"):
     if m.get(key, 0.0) < 0:
       _fail(f"model.{key}", f"must be >= 0 (0 = off/default), got {m[key]}")
+
+
+def _validate_lora(config) -> None:
+  lc = config.lora
+  _positive(config, "lora.rank", allow_zero=True)
+  if lc.rank == 0:
+    return
+  _positive(config, "lora.alpha")
+  _positive(config, "lora.lr_scale")
+  if lc.dropout != 0.0:
+    _fail("lora.dropout", "adapter dropout is not implemented; use 0.0")
+  from rlhf_jax.train.lora import TARGETS, QUANT
+  targets = [t.strip() for t in lc.targets.split(",") if t.strip()]
+  if not targets:
+    _fail("lora.targets", f"empty; name some of {','.join(TARGETS)}")
+  for t in targets:
+    if t not in TARGETS:
+      _fail("lora.targets", f"unknown target {t!r}; known: {','.join(TARGETS)}")
+  if "lm_head" in targets and config.model.tie_embeddings:
+    _fail("lora.targets", "lm_head: the model ties its embeddings (model.tie_embeddings=True), "
+          "so there is no lm_head kernel to adapt")
+  for s in (s.strip() for s in lc.stages.split(",") if s.strip()):
+    if s not in LORA_STAGES:
+      _fail("lora.stages", f"{s!r} cannot train adapters; choose from {','.join(LORA_STAGES)} "
+            "(pretraining has no base to adapt)")
+  _choice(config, "lora.quant", QUANT)
+  _choice(config, "lora.sampling", ("merge", "on_the_fly"))
+  _positive(config, "lora.block_size")
+  if lc.quant == "nf4" and lc.block_size % 2:
+    _fail("lora.block_size", f"NF4 packs two values per byte; use an even size, got {lc.block_size}")
 
 
 def _validate_train(config, stage: str, dp: int, n_processes: int) -> None:

@@ -279,7 +279,10 @@ def _run_round(ctx, r: int, model, gen, reward, prev_params, evaluator, sft_eval
   train_summary, state = common.train_supervised(
       ctx, f"best_of_k/round_{r}", bc.train, model=model, loss_fn=loss, eval_loss=loss,
       train_arrays=fill_batch(ex, bc.train.batch_size), eval_arrays=sft_eval_arrays,
-      init_params=lambda: copy(prev_params), tokens_per_example=width)
+      init_params=lambda: copy(prev_params), tokens_per_example=width,
+      base="sft" if r == 1 else f"best_of_k/round_{r - 1}",
+      extra_meta={"best_of_k": {k: v for k, v in bc.to_dict().items()
+                                if k not in ("train", "rounds", "eval_pool")}})  # shape the round
   compute = _round_compute(ctx, stats["samples"], width)
   total = {k: spent[k] + v for k, v in compute.items()}
   ev = evaluator.evaluate(state["params"], {"policy": "best_of_k", "round": r})
@@ -346,4 +349,5 @@ def run(ctx) -> dict:
       "bon_proxy_max_n": top["proxy"], "bon_kl_bound_max_n": top["kl_bound"],
       "rounds": rounds, "final_checkpoint": f"best_of_k/round_{bc.rounds}" if rounds else "sft",
       **{f"total_{k}": v for k, v in spent.items()},
+      **common.param_figures(common.fine_tune(ctx, "best_of_k", model).abstract_trainable(), model),
   }

@@ -18,9 +18,10 @@ import numpy as np
 
 from rlhf_jax.data.batching import Batcher
 from rlhf_jax.data.sources import stream_seed
+from rlhf_jax.train import lora
 from rlhf_jax.train import sharding as sh
 from rlhf_jax.train import state as st
-from rlhf_jax.train.checkpoint import Checkpointer, CheckpointMismatch, restore_item
+from rlhf_jax.train.checkpoint import Checkpointer, CheckpointMismatch, latest_meta, restore_item
 from rlhf_jax.train.loop import train_loop
 from rlhf_jax.train.optim import make_optimizer
 from rlhf_jax.train.step import compile_step, make_train_step
@@ -88,18 +89,50 @@ def checkpointer(ctx, name: str) -> Checkpointer:
 
 
 def load_params(ctx, stage: str, model, item: str = "params"):
-  """Params of an earlier stage's latest checkpoint, placed on this model's shardings."""
-  params, meta = restore_item(ctx.stage_dir(stage), item, st.abstract_params(model),
-                              expect_meta=model_meta(ctx))
-  return params, meta
+  """Params of an earlier stage's latest checkpoint, placed on this model's shardings.
+
+  A LoRA stage's checkpoint holds its trainable part and names its base (`meta.lora`):
+  the base is loaded (recursively: it may be LoRA too), stored as the stage stored it
+  (quantised for QLoRA) and the adapters merged in, so every caller gets full weights."""
+  lm = latest_meta(ctx.stage_dir(stage)).get("lora") if item == "params" else None
+  if lm is None:
+    return restore_item(ctx.stage_dir(stage), item, st.abstract_params(model),
+                        expect_meta=model_meta(ctx))
+  ft = lora.FineTune(model, lora.spec_from_meta(lm))
+  base = hf_params(ctx, model) if lm["base"] == "hf" else load_params(ctx, lm["base"], model)[0]
+  trainable, meta = restore_item(ctx.stage_dir(stage), item, ft.abstract_trainable(),
+                                 expect_meta=model_meta(ctx))
+  return ft.merged(trainable, ft.store(base)), meta
+
+
+def base_source(ctx) -> str:
+  """Which weights the first trained stage after pretraining starts from (see base_params)."""
+  return "hf" if ctx.config.model.hf and not ctx.is_done("pretrain") else "pretrain"
 
 
 def base_params(ctx, model):
   """Where the first trained stage after pretraining starts: the pretrain checkpoint, or,
   with `config.model.hf` and no pretrain stage run, the Hugging Face weights."""
-  if ctx.config.model.hf and not ctx.is_done("pretrain"):
+  if base_source(ctx) == "hf":
     return hf_params(ctx, model)
   return load_params(ctx, "pretrain", model)[0]
+
+
+def fine_tune(ctx, stage: str, model, heads=()) -> lora.FineTune:
+  """How `stage` trains `model`: every weight, or LoRA adapters (`config.lora`, for the
+  stages in lora.stages) plus `heads` (top-level params trained in full, e.g. a fresh
+  scalar head) on a frozen, possibly quantised base. Stages only use the FineTune's
+  trainable/frozen split and do not know which method made it."""
+  return lora.FineTune(model, lora.spec_from_config(ctx.config.get("lora"), stage, heads))
+
+
+def stage_opt(ctx, opt_cfg, ft: lora.FineTune):
+  """The stage's optimizer config; a LoRA stage's learning rate times lora.lr_scale."""
+  if not ft.lora:
+    return opt_cfg
+  o = opt_cfg.copy_and_resolve_references()
+  o.lr = opt_cfg.lr * ctx.config.lora.lr_scale
+  return o
 
 
 def hf_params(ctx, model):
@@ -169,8 +202,8 @@ def make_evaluator(ctx, eval_loss: Callable, batches: list[dict]):
 def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_loss: Callable,
                      train_arrays: dict, eval_arrays: dict, init_params: Callable | None,
                      extra_meta: dict | None = None, tokens_per_example: int = 0,
-                     stream: str | None = None, extra_eval: Callable | None = None
-                     ) -> tuple[dict, dict]:
+                     stream: str | None = None, extra_eval: Callable | None = None,
+                     base: str | None = None, heads: tuple = ()) -> tuple[dict, dict]:
   """Train `model` on `train_arrays` with `loss_fn`; returns (summary figures, final state).
 
   init_params(): params to start from (another stage's checkpoint), or None
@@ -179,48 +212,89 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
   stream: the batch order's random stream (default: `name`, distinct per stage/round).
   extra_eval(params, step) -> dict, if given, is merged into every evaluation (DPO adds the
   held-out policy figures that put it on the frontier).
+  base: the stage init_params() loads (named in a LoRA checkpoint, whose adapters sit on
+  it); heads: params a LoRA stage trains in full. The returned state's `params` are full
+  weights (adapters merged) whichever way the stage trained.
   """
   stage_dir = ctx.stage_dir(name)
-  optimizer = make_optimizer(tcfg.opt, tcfg.steps)
+  ft = fine_tune(ctx, name, model, heads)
+  optimizer = make_optimizer(stage_opt(ctx, tcfg.opt, ft), tcfg.steps)
   key = ctx.key(name)
   ckpt = checkpointer(ctx, name)
-  base_eval = make_evaluator(ctx, eval_loss, eval_batches(eval_arrays, tcfg.batch_size,
-                                                          tcfg.eval_batches, ctx.mesh))
-  evaluator = ((lambda p, step: base_eval(p)) if extra_eval is None
-               else (lambda p, step: {**base_eval(p), **extra_eval(p, step)}))
-  meta = {**model_meta(ctx), **run_meta(ctx, tcfg), **(extra_meta or {})}
+  if ft.lora and init_params is None:
+    raise ValueError(f"{name}: LoRA needs a base to adapt; remove the stage from lora.stages")
+  ev_loss = ft.loss(lambda p, b, r: eval_loss(p, b))
+  base_eval = make_evaluator(ctx, lambda tf, b: ev_loss(tf[0], b, None, tf[1]),
+                             eval_batches(eval_arrays, tcfg.batch_size, tcfg.eval_batches, ctx.mesh))
+  meta = {**model_meta(ctx), **run_meta(ctx, tcfg), **ft.meta(base), **(extra_meta or {})}
+
+  def evaluator(trainable, frozen, step: int) -> dict:
+    figures = base_eval((trainable, frozen))
+    if extra_eval is not None:
+      figures.update(extra_eval(ft.merged(trainable, frozen), step))
+    return figures
 
   def fresh_state(params):
     return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
             "skipped": jnp.zeros((), jnp.int32)}
 
-  abstract_p = st.abstract_params(model)
-  init_state, abstract = st.jit_init(fresh_state, abstract_p)
+  init_state, abstract = st.jit_init(fresh_state, ft.abstract_trainable())
+  frozen = {}
   if ckpt.latest_step() is not None:
+    check_method(ckpt, meta)
     state, saved = resume(ckpt, abstract, name, meta)
     init_eval = saved["init_eval"]
+    if ft.lora:  # the base is a function of earlier stages' checkpoints: rebuilt exactly
+      frozen = ft.store(init_params())
     print(f"[{name}] resuming from step {int(state['step'])}", flush=True)
   else:
     params = init_params() if init_params is not None else st.init_params(model, jax.random.fold_in(key, 2**31 - 1))
-    state = init_state(params)
-    init_eval = evaluator(state["params"], 0)
+    trainable, frozen = ft.split(params, jax.random.fold_in(key, 2**31 - 2))
+    state = init_state(trainable)
+    init_eval = evaluator(state["params"], frozen, 0)
   batcher = host_batcher(ctx, train_arrays, tcfg.batch_size, stream or name)
-  step = make_train_step(loss_fn, optimizer, grad_accum=tcfg.grad_accum, nonfinite=tcfg.nonfinite)
-  step_fn = compile_step(step, ctx.mesh, st.shardings_of(abstract), batcher.get(0))
+  t_loss = ft.loss(loss_fn)
+
+  def step(state, batch, rng, frozen):
+    inner = make_train_step(lambda t, b, r: t_loss(t, b, r, frozen), optimizer,
+                            grad_accum=tcfg.grad_accum, nonfinite=tcfg.nonfinite)
+    return inner(state, batch, rng)
+
+  compiled = compile_step(step, ctx.mesh, st.shardings_of(abstract), batcher.get(0),
+                          extra_shardings=jax.tree.map(lambda x: x.sharding, frozen))
+  step_fn = lambda s, b, r: compiled(s, b, r, frozen)
   state, rows = train_loop(
       name=name, stage_dir=stage_dir, state=state, step_fn=step_fn, get_batch=batcher.get,
       total_steps=tcfg.steps, key=key, mesh=ctx.mesh, ckpt=ckpt,
       meta_fn=lambda s: {**meta, "init_eval": init_eval, "data_position": s},
       log_every=tcfg.log_every, ckpt_every=tcfg.ckpt_every,
-      eval_fn=lambda s: evaluator(s["params"], int(sh.to_host(s["step"]))), eval_every=tcfg.eval_every,
+      eval_fn=lambda s: evaluator(s["params"], frozen, int(sh.to_host(s["step"]))),
+      eval_every=tcfg.eval_every,
       tokens_per_step=tokens_per_example * tcfg.batch_size, nonfinite=tcfg.nonfinite)
   ckpt.close()
-  final_eval = evaluator(state["params"], tcfg.steps)
+  final_eval = evaluator(state["params"], frozen, tcfg.steps)
   summary = {f"init_eval_{k}": v for k, v in init_eval.items()}
   summary.update({f"eval_{k}": v for k, v in final_eval.items()})
   summary.update(steps=tcfg.steps, skipped_updates=int(sh.to_host(state["skipped"])),
-                 examples=len(next(iter(train_arrays.values()))))
+                 examples=len(next(iter(train_arrays.values()))),
+                 **param_figures(abstract["params"], model))
+  state = dict(state, trainable=state["params"], params=ft.merged(state["params"], frozen))
   return summary, state
+
+
+def param_figures(trainable, model) -> dict:
+  """`params` (the whole model) and `trainable_params` (what the optimizer updates)."""
+  return {"params": lora.count(st.abstract_params(model)), "trainable_params": lora.count(trainable)}
+
+
+def check_method(ckpt: Checkpointer, meta: dict) -> None:
+  """A checkpoint of full weights and one of adapters cannot resume each other."""
+  saved = ckpt.read_meta(ckpt.latest_step()).get("lora")
+  if (saved is None) != ("lora" not in meta):
+    have = "LoRA adapters" if saved is not None else "full weights"
+    raise CheckpointMismatch(
+        f"{ckpt.directory}: checkpoint holds {have} but config.lora asks for the other; use a "
+        f"fresh --workdir or the original config.lora")
 
 
 def dropout_args(rng) -> dict:

@@ -59,6 +59,12 @@ class RewardModel:
   def score(self, tokens, mask):
     return self._score(self.params, tokens, mask)[0]
 
+  def normalized_head(self):
+    """The scalar head folded so it outputs gain * raw + bias (see normalized_params)."""
+    head = self.params["scalar_head"]
+    return jax.jit(lambda h: {"kernel": h["kernel"] * self.gain,
+                              "bias": h["bias"] * self.gain + self.bias})(head)
+
   def normalized_params(self):
     """A copy of the params whose scalar head outputs gain * raw + bias: the normalised
     score. PPO's critic starts here, so its values begin in the units of the rewards it

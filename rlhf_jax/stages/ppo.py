@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.model.transformer import flops_per_token, param_count
+from rlhf_jax.model.transformer import DTYPES, flops_per_token, param_count
 from rlhf_jax.stages import common
 from rlhf_jax.stages.policy_eval import (PolicyEvaluator, RewardModel, SampleLog, decode_responses,
                                          sample_config)
-from rlhf_jax.stages.ppo_step import make_iteration
+from rlhf_jax.stages.ppo_step import Views, make_iteration
 from rlhf_jax.stages.rollout import eval_points, policy_figures
+from rlhf_jax.train import lora
 from rlhf_jax.train import sharding as sh
 from rlhf_jax.train import state as st
 from rlhf_jax.train.loop import train_loop
@@ -51,13 +52,19 @@ def run(ctx) -> dict:
   texts, prompts = ctx.sources.prompt_set("rl")
   prompt_len = prompts["prompt"].shape[1]
   sc = sample_config(ctx, pc.response_len, pc.temperature)
-  policy_opt, critic_opt = optimizers(pc)
-  iteration = make_iteration(model, model, policy_opt, critic_opt, pc, sc, prompt_len)
+  # LoRA (config.lora): the policy trains adapters on the SFT weights, which are also the
+  # reference; a separate critic trains adapters (and its head) on the reward model's.
+  policy_ft = common.fine_tune(ctx, "ppo", model, ("scalar_head",) if pc.critic == "shared" else ())
+  critic_ft = common.fine_tune(ctx, "ppo", model, ("scalar_head",))
+  policy_opt, critic_opt = optimizers(pc, ctx.config.lora.lr_scale if policy_ft.lora else 1.0)
+  views = lora_views(policy_ft, ctx.config.lora.sampling) if policy_ft.lora else Views
+  iteration = make_iteration(policy_ft.model, critic_ft.model, policy_opt, critic_opt, pc, sc,
+                             prompt_len, views=views)
   # Scalars as replicated global arrays: with several processes a host-local scalar
   # would live on one device only and jit would reject it.
   scalar = lambda v: jax.make_array_from_callback((), sh.replicated(ctx.mesh),
                                                   lambda _: np.float32(v))
-  frozen = {"ref": sft_params, "reward": reward.params,
+  frozen = {"ref": policy_ft.store(sft_params), "reward": policy_ft.store(reward.params),
             "gain": scalar(reward.gain), "bias": scalar(reward.bias)}
 
   def fresh_state(policy, critic):
@@ -67,23 +74,34 @@ def run(ctx) -> dict:
       s.update(critic_params=critic, critic_opt_state=critic_opt.init(critic))
     return s
 
-  abstract_p = st.abstract_params(model)
-  init_state, abstract = st.jit_init(fresh_state, abstract_p, abstract_p)
+  init_state, abstract = st.jit_init(fresh_state, policy_ft.abstract_trainable(),
+                                     critic_ft.abstract_trainable())
   ckpt = common.checkpointer(ctx, "ppo")
-  meta = {**common.model_meta(ctx), **common.run_meta(ctx, pc)}
+  meta = {**common.model_meta(ctx), **common.run_meta(ctx, pc), **policy_ft.meta("sft")}
   if pc.critic != "shared" and pc.vf_coef != 1.0:
     print(f"[ppo] ppo.vf_coef={pc.vf_coef} has no effect with ppo.critic=separate: the critic "
           f"has its own optimizer, step size ppo.critic_lr={pc.critic_lr}", flush=True)
   if ckpt.latest_step() is not None:
+    common.check_method(ckpt, meta)
     state, _ = common.resume(ckpt, abstract, "ppo", meta)
     print(f"[ppo] resuming from iteration {int(state['step'])}", flush=True)
   else:
     # The critic starts from the reward model (InstructGPT), in normalised score units.
-    critic_init = reward.normalized_params() if pc.critic != "shared" else sft_params
-    # A fresh copy (the state is donated each iteration, the frozen reference is not).
-    policy0 = jax.jit(lambda p: initial_policy(p, pc.critic),
-                      out_shardings=st.shardings_of(sft_params))(sft_params)
-    state = init_state(policy0, critic_init)
+    if policy_ft.lora:
+      key = ctx.key("ppo")
+      policy = policy_ft.init_trainable(initial_policy(sft_params, pc.critic),
+                                        jax.random.fold_in(key, 2**31 - 1))
+      critic = policy  # unused with a shared critic
+      if pc.critic != "shared":  # adapters + the normalised head on the frozen RM weights
+        rm = {**reward.params, "scalar_head": reward.normalized_head()}
+        critic = critic_ft.init_trainable(rm, jax.random.fold_in(key, 2**31 - 2))
+      state = init_state(policy, critic)
+    else:
+      critic_init = reward.normalized_params() if pc.critic != "shared" else sft_params
+      # A fresh copy (the state is donated each iteration, the frozen reference is not).
+      policy0 = jax.jit(lambda p: initial_policy(p, pc.critic),
+                        out_shardings=st.shardings_of(sft_params))(sft_params)
+      state = init_state(policy0, critic_init)
 
   prompt_batcher = common.host_batcher(ctx, prompts, pc.rollout_batch, "ppo/prompts")
   ptx_batcher = None
@@ -126,18 +144,21 @@ def run(ctx) -> dict:
       name="ppo", stage_dir=ctx.stage_dir("ppo"), state=state, step_fn=step_fn, get_batch=get_batch,
       total_steps=pc.iterations, key=ctx.key("ppo"), mesh=ctx.mesh, ckpt=ckpt,
       meta_fn=lambda s: {**meta, "data_position": s}, log_every=pc.log_every,
-      ckpt_every=pc.ckpt_every, eval_fn=lambda s: evaluator.evaluate(s["params"], tag(s)),
+      ckpt_every=pc.ckpt_every,
+      eval_fn=lambda s: evaluator.evaluate(policy_ft.merged(s["params"], frozen["ref"]), tag(s)),
       eval_every=pc.eval_every, host_fn=host_fn, tokens_per_step=compute["tokens_sampled"],
       nonfinite=pc.nonfinite)
   ckpt.close()
   sft_eval = evaluator.evaluate(sft_params, {"policy": "sft"})
-  final = evaluator.evaluate(state["params"], tag(state))
+  final = evaluator.evaluate(policy_ft.merged(state["params"], frozen["ref"]), tag(state))
   return {
       **policy_figures(sft_eval, final),
       "kl_coef_final": float(sh.to_host(state["kl_coef"])), "iterations": pc.iterations,
       "skipped_updates": int(sh.to_host(state["skipped"])),
       "tokens_sampled_per_iteration": compute["tokens_sampled"],
       "flops_per_iteration": compute["flops"], "params": param_count(ctx.model_cfg),
+      "trainable_params": lora.count(abstract["params"]),
+      "critic_trainable_params": lora.count(abstract.get("critic_params", {})),
       "eval_points": eval_points(ctx.stage_dir("ppo"), sft_eval, compute),
   }
 
@@ -151,12 +172,37 @@ def initial_policy(params, critic: str):
   return {**params, "scalar_head": head}
 
 
-def optimizers(pc):
+def optimizers(pc, lr_scale: float = 1.0):
   """Policy and critic AdamW. Their schedules count optimizer updates, epochs x
-  minibatches per iteration, so a decay (Huang et al. 2024 anneal linearly) spans the run."""
+  minibatches per iteration, so a decay (Huang et al. 2024 anneal linearly) spans the run.
+  lr_scale: config.lora.lr_scale when the models train LoRA adapters."""
   updates = pc.iterations * pc.epochs * pc.minibatches
-  return (make_optimizer(pc.opt, updates),
-          make_optimizer(_with_lr(pc.opt, pc.critic_lr), updates))
+  policy = pc.opt if lr_scale == 1.0 else _with_lr(pc.opt, pc.opt.lr * lr_scale)
+  return (make_optimizer(policy, updates),
+          make_optimizer(_with_lr(pc.opt, pc.critic_lr * lr_scale), updates))
+
+
+def lora_views(policy_ft, sampling: str):
+  """ppo_step.Views for LoRA: one frozen SFT base serves the policy (with adapters) and
+  the reference (without); the critic's adapters sit on the frozen reward model. Rollouts
+  decode with the adapters merged once per iteration (`merge`) or applied in every
+  decode step (`on_the_fly`); docs/performance.md has the bench of both."""
+  spec = policy_ft.spec
+  off = lambda base: lora.apply_params({"adapters": {}}, base)  # adapters switched off
+  dt = DTYPES[policy_ft.model.cfg.dtype]
+  # The merged copy in the compute dtype, as the sampler would cast it: half the bytes.
+  cast = lambda x: x.astype(dt) if x.ndim >= 2 and x.dtype == jnp.float32 else x
+
+  class LoraViews(Views):
+    policy = staticmethod(lambda t, f: lora.apply_params(t, f["ref"]))
+    critic = staticmethod(lambda t, f: lora.apply_params(t, f["reward"]))
+    ref = staticmethod(lambda f: off(f["ref"]))
+    reward = staticmethod(lambda f: off(f["reward"]))
+    rollout = staticmethod(
+        (lambda t, f: jax.tree.map(cast, lora.merged_params(t, f["ref"], spec)))
+        if sampling == "merge"
+        else (lambda t, f: lora.apply_params(t, f["ref"])))
+  return LoraViews
 
 
 def _with_lr(opt_cfg, lr):

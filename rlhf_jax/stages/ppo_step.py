@@ -33,8 +33,21 @@ def _response_logits(model, params, tokens, mask, prompt_len, scalar=False):
   return out, out["logits"][:, prompt_len - 1:-1]
 
 
+class Views:
+  """Which params each of the four models is applied with: full fine-tuning passes
+  them as they are; LoRA (`ppo.lora_views`) joins the trainable adapters to a frozen
+  base in `frozen` (the reference IS the policy's base; the critic may sit on the
+  reward model's). policy/critic(trainable, frozen); ref/reward(frozen);
+  rollout(trainable, frozen): the weights the sampler decodes with."""
+  policy = staticmethod(lambda t, f: t)
+  critic = staticmethod(lambda t, f: t)
+  rollout = staticmethod(lambda t, f: t)
+  ref = staticmethod(lambda f: f["ref"])
+  reward = staticmethod(lambda f: f["reward"])
+
+
 def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_len: int,
-                   score_fn=None):
+                   score_fn=None, views=Views):
   """pc: config.ppo; sc: SampleConfig for rollouts.
 
   score_fn(tokens, mask, response, response_mask, ended) -> [B], if given, replaces the
@@ -52,28 +65,32 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
   temp = pc.temperature
   n_mb = pc.minibatches
 
-  def rollout(state, batch, rng):
-    return generate(model, state["params"], batch["prompt"], batch["prompt_mask"], rng, sc)
+  def rollout(state, batch, rng, frozen=None):
+    return generate(model, views.rollout(state["params"], frozen), batch["prompt"],
+                    batch["prompt_mask"], rng, sc)
 
   def score(state, frozen, g):
     """The four forward passes over a rollout: policy, reference, critic, reward."""
     tokens, mask, rmask = g["tokens"], g["mask"], g["response_mask"]
     # Recompute the old log-probs with the training forward pass (the sampler's agree
     # to float tolerance; the update's ratio must start at exactly 1).
-    out, old_logp = response_logprobs(model, state["params"], tokens, mask, prompt_len, temp,
-                                      scalar=shared)
-    _, ref_logp = response_logprobs(model, frozen["ref"], tokens, mask, prompt_len, temp)
+    out, old_logp = response_logprobs(model, views.policy(state["params"], frozen), tokens, mask,
+                                      prompt_len, temp, scalar=shared)
+    _, ref_logp = response_logprobs(model, views.ref(frozen), tokens, mask, prompt_len, temp)
     if shared:
       values = out["scalar"][:, prompt_len - 1:-1]
     else:
-      values = critic_model.apply({"params": state["critic_params"]}, tokens, mask, logits=False,
+      values = critic_model.apply({"params": views.critic(state["critic_params"], frozen)},
+                                  tokens, mask, logits=False,
                                   scalar=True)["scalar"][:, prompt_len - 1:-1]
-    score, proxy, raw = sequence_scores(model, frozen, g, pc, score_fn)
+    score, proxy, raw = sequence_scores(model, {**frozen, "reward": views.reward(frozen)}, g, pc,
+                                        score_fn)
     return dict(tokens=tokens, mask=mask, rmask=rmask, old_logp=old_logp, ref_logp=ref_logp,
                 values=values, score=score, proxy=proxy, raw=raw, ended=g["ended"],
                 response=g["response"])
 
-  def policy_loss_fn(params, mb, rng):
+  def policy_loss_fn(params, mb, rng, frozen=None):
+    params = views.policy(params, frozen)
     out, logits = _response_logits(model, params, mb["tokens"], mb["mask"], prompt_len, shared)
     logp = token_logprobs(out["logits"], mb["tokens"], temp)[:, prompt_len - 1:]
     pg, pm = rl.policy_loss(logp, mb["old_logp"], mb["adv"], mb["rmask"], pc.clip_eps)
@@ -92,15 +109,15 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
       metrics["ptx_loss"] = lm
     return loss, metrics
 
-  def critic_loss_fn(params, mb, rng):
-    v = critic_model.apply({"params": params}, mb["tokens"], mb["mask"], logits=False,
+  def critic_loss_fn(params, mb, rng, frozen=None):
+    v = critic_model.apply({"params": views.critic(params, frozen)}, mb["tokens"], mb["mask"], logits=False,
                            scalar=True)["scalar"][:, prompt_len - 1:-1]
     vl, vm = rl.value_loss(v, mb["values"], mb["returns"], mb["rmask"], pc.value_clip_eps)
     # No vf_coef: the critic has its own optimizer, where a loss scale would only move
     # the gradient-clipping threshold (and Adam's eps). Its step size is ppo.critic_lr.
     return vl, {"value_loss": vl, **vm}
 
-  def update(state, ro, batch, rng):
+  def update(state, ro, batch, rng, frozen=None):
     """Rewards, GAE and epochs x minibatches of updates on one scored rollout."""
     r_perm = rng
     rmask = ro["rmask"]
@@ -131,12 +148,14 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
       idx, ptx_mb = xs
       mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
       mb.update(ptx_mb)
-      loss, grads, m = accumulate_grads(policy_loss_fn, params, mb, rng, 1)
+      loss, grads, m = accumulate_grads(lambda p, b, r: policy_loss_fn(p, b, r, frozen), params,
+                                        mb, rng, 1)
       params, opt_state, um = apply_update(policy_opt, params, opt_state, grads, loss, "skip")
       m = {**m, "policy_grad_norm": um["grad_norm"], "finite_loss": um["finite_loss"],
            "finite_grads": um["finite_grads"]}
       if not shared:
-        closs, cgrads, cm = accumulate_grads(critic_loss_fn, cparams, mb, rng, 1)
+        closs, cgrads, cm = accumulate_grads(lambda p, b, r: critic_loss_fn(p, b, r, frozen),
+                                             cparams, mb, rng, 1)
         cparams, copt, cum = apply_update(critic_opt, cparams, copt, cgrads, closs, "skip")
         m.update(cm, critic_grad_norm=cum["grad_norm"],
                  finite_loss=m["finite_loss"] & cum["finite_loss"],
@@ -170,8 +189,8 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
 
   def iteration(state, frozen, batch, rng):
     r_roll, r_perm = jax.random.split(rng)
-    ro = score(state, frozen, rollout(state, batch, r_roll))
-    new_state, upd, aux = update(state, ro, batch, r_perm)
+    ro = score(state, frozen, rollout(state, batch, r_roll, frozen))
+    new_state, upd, aux = update(state, ro, batch, r_perm, frozen)
     rmask, adv, returns = ro["rmask"], aux["adv"], aux["returns"]
     kls, kl_mean, beta = aux["kls"], aux["kl_mean"], aux["beta"]
     lengths = jnp.sum(rmask, axis=-1)

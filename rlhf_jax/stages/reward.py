@@ -113,7 +113,8 @@ def run(ctx) -> dict:
       train_arrays=train, eval_arrays=evals,
       init_params=lambda: _fresh_head(model, common.load_params(ctx, "sft", model)[0],
                                       jax.random.fold_in(ctx.key("reward"), 7)),
-      tokens_per_example=int(np.prod(train["tokens"].shape[1:])))  # K x length per comparison
+      tokens_per_example=int(np.prod(train["tokens"].shape[1:])),  # K x length per comparison
+      base="sft", heads=("scalar_head",))  # LoRA: the fresh head trains in full
   params = state["params"]
   rewards = _rewards_of(ctx, model, params, evals, rc.batch_size)
   ev_loss, ev = jax.jit(ranking_loss)(rewards, evals["ranks"], evals["valid"])

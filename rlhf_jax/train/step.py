@@ -78,10 +78,15 @@ def make_train_step(loss_fn: Callable, optimizer, *, grad_accum: int = 1, nonfin
   return step
 
 
-def compile_step(step, mesh, state_shardings, example_batch, *, donate: bool = True):
-  """jit with explicit shardings: state as created, batch over the data axes, rng replicated."""
+def compile_step(step, mesh, state_shardings, example_batch, *, donate: bool = True,
+                 extra_shardings=None):
+  """jit with explicit shardings: state as created, batch over the data axes, rng replicated.
+
+  extra_shardings: a fourth argument `step(state, batch, rng, extra)` that is read, not
+  donated (a LoRA stage's frozen base)."""
   from rlhf_jax.train import sharding as sh
   batch_sh = jax.tree.map(lambda x: sh.batch_sharding(mesh, x.ndim), example_batch)
-  return jax.jit(step, in_shardings=(state_shardings, batch_sh, sh.replicated(mesh)),
+  extra = () if extra_shardings is None else (extra_shardings,)
+  return jax.jit(step, in_shardings=(state_shardings, batch_sh, sh.replicated(mesh), *extra),
                  out_shardings=(state_shardings, sh.replicated(mesh)),
                  donate_argnums=(0,) if donate else ())

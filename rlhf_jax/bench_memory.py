@@ -1,0 +1,207 @@
+"""Memory of one PPO iteration: full fine-tuning vs LoRA vs QLoRA, by XLA's compile-only
+analysis (abstract shapes: nothing is allocated, so it runs on a CPU for a 7B model).
+
+  python -m rlhf_jax.bench_memory --sizes 1b,7b --out bench_memory.json
+  python -m rlhf_jax.bench_memory --sizes 7b --fsdp 8   # 8 (virtual CPU) devices, FSDP
+
+Each row compiles `ppo_step.make_iteration` (rollout with the KV-cache sampler, the four
+forward passes, epochs x minibatches of policy and critic updates) exactly as
+`stages/ppo.py` jits it, and reports XLA's per-device figures: arguments (params,
+optimizer state, frozen models), temp (activations, KV cache, gradients), and
+`total` = arguments + outputs + temp - aliased (the donated state). On GPU/TPU the
+same analysis comes from that backend's compiler; the CPU figures are labelled so.
+With --sampling both, it also times rollouts with adapters merged once vs applied on the
+fly (`sampling_speed`, a small model, wall-clock on this machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+SIZES = {
+    # TinyLlama-1.1B's shape (Zhang et al. 2024) and Llama-2-7B's (Touvron et al. 2023).
+    "1b": dict(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, d_ff=5632),
+    "7b": dict(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008),
+    "test": dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128),
+}
+METHODS = {  # name -> (lora rank, how the frozen base is stored)
+    "full": (0, "none"), "lora": (16, "none"), "lora_bf16": (16, "bfloat16"),
+    "qlora_int8": (16, "int8"), "qlora_nf4": (16, "nf4"),
+}
+
+
+def ppo_memory_extrapolated(size: str, method: str, **kw) -> dict:
+  """`ppo_memory` at 1 and 2 layers, extrapolated linearly to the model's depth.
+
+  Compiling 32 unrolled layers x ~10 model passes takes many CPU minutes; every figure
+  here (params, optimizer state, KV cache, remat-saved activations, gradients) grows
+  linearly with depth and the rest (embeddings, logits) does not, so two shallow compiles
+  give the deep one's per-device bytes (labelled `extrapolated_from_layers`)."""
+  depth = SIZES[size]["n_layers"]
+  one, two = (ppo_memory(size, method, n_layers=n, **kw) for n in (1, 2))
+  row = dict(two, extrapolated_from_layers=[1, 2], compile_s=one["compile_s"] + two["compile_s"])
+  lin = lambda a, b: int(a + (depth - 1) * (b - a))
+  for k in ("params", "trainable_params", "state_bytes", "frozen_bytes"):
+    row[k] = lin(one[k], two[k])
+  row["per_device_bytes"] = {k: lin(one["per_device_bytes"][k], two["per_device_bytes"][k])
+                             for k in one["per_device_bytes"]}
+  return row
+
+
+def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, rollout_batch: int = 64,
+               prompt_len: int = 256, response_len: int = 256, minibatches: int = 4,
+               n_layers: int | None = None) -> dict:
+  """Compile one PPO iteration for abstract inputs; XLA's memory analysis per device."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from configs import tiny
+  from rlhf_jax.bench import _compile
+  from rlhf_jax.model.transformer import ModelConfig
+  from rlhf_jax.sampling import SampleConfig
+  from rlhf_jax.stages.ppo import lora_views, optimizers
+  from rlhf_jax.stages.ppo_step import Views, make_iteration
+  from rlhf_jax.train import lora, state as st
+  from rlhf_jax.train import sharding as sh
+
+  rank, quant = METHODS[method]
+  dims = dict(SIZES[size], **({"n_layers": n_layers} if n_layers else {}))
+  cfg = ModelConfig(**dims, max_len=prompt_len + response_len, tie_embeddings=False,
+                    dtype="bfloat16", remat=remat)
+  mesh = sh.mesh_of((1, fsdp, 1), jax.devices()[:fsdp])
+  model = st.make_model(cfg, mesh)
+  pc = tiny.get_config().ppo.copy_and_resolve_references()
+  pc.update(rollout_batch=rollout_batch, minibatches=minibatches, epochs=1, response_len=response_len)
+  spec = lora.LoraSpec(rank=rank, alpha=2.0 * rank, quant=quant) if rank else None
+  policy_ft = lora.FineTune(model, spec)
+  critic_ft = lora.FineTune(model, None if spec is None else
+                            lora.LoraSpec(rank=rank, alpha=2.0 * rank, quant=quant, heads=("scalar_head",)))
+  popt, copt = optimizers(pc)
+  sc = SampleConfig(max_new_tokens=response_len, eos_id=2, pad_id=0)
+  iteration = make_iteration(policy_ft.model, critic_ft.model, popt, copt, pc, sc, prompt_len,
+                             views=lora_views(policy_ft, "merge") if spec else Views)
+
+  def fresh(policy, critic):
+    return {"params": policy, "opt_state": popt.init(policy), "critic_params": critic,
+            "critic_opt_state": copt.init(critic), "step": jnp.zeros((), jnp.int32),
+            "kl_coef": jnp.float32(0.05), "skipped": jnp.zeros((), jnp.int32)}
+
+  _, a_state = st.jit_init(fresh, policy_ft.abstract_trainable(), critic_ft.abstract_trainable())
+  a_params = st.abstract_params(model)
+  a_base = _abstract_stored(a_params, policy_ft)
+  rep = sh.replicated(mesh)
+  a_frozen = {"ref": a_base, "reward": a_base, "gain": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+              "bias": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)}
+  b2 = sh.batch_sharding(mesh, 2)
+  a_batch = {"prompt": jax.ShapeDtypeStruct((rollout_batch, prompt_len), jnp.int32, sharding=b2),
+             "prompt_mask": jax.ShapeDtypeStruct((rollout_batch, prompt_len), bool, sharding=b2),
+             "index": jax.ShapeDtypeStruct((rollout_batch,), jnp.int32, sharding=sh.batch_sharding(mesh, 1))}
+  a_rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
+  state_sh = st.shardings_of(a_state)
+  fused = jax.jit(iteration, in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, a_frozen),
+                                           jax.tree.map(lambda x: x.sharding, a_batch), rep),
+                  out_shardings=(state_sh, rep), donate_argnums=(0,))
+  _, info = _compile(fused, a_state, a_frozen, a_batch, a_rng)
+  nbytes = lambda t: int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(t)))
+  return {"size": size, "method": method, "lora_rank": rank, "base_storage": quant, "remat": remat,
+          "fsdp": fsdp, "devices": f"{fsdp} x {jax.devices()[0].platform} (compile-only)",
+          "rollout": f"{rollout_batch} x ({prompt_len} prompt + {response_len} response)",
+          "minibatches": minibatches, "params": lora.count(a_params),
+          "trainable_params": lora.count(a_state["params"]) + lora.count(a_state["critic_params"]),
+          "state_bytes": nbytes(a_state), "frozen_bytes": nbytes(a_frozen),
+          "compile_s": round(info["compile_s"], 1), "per_device_bytes": info["compiled_bytes"]}
+
+
+def _abstract_stored(a_params, ft):
+  """Abstract frozen base as `ft.store` keeps it, each part sharded like its kernel."""
+  import jax
+  from rlhf_jax.train import lora
+  if not ft.lora:
+    return a_params
+  shapes = jax.eval_shape(lambda p: lora.store_base(p, ft.spec.quant, ft.spec.block_size), a_params)
+
+  def place(path, s):
+    kernel = a_params
+    for k in path:
+      name = getattr(k, "key", getattr(k, "name", None))
+      if isinstance(kernel, dict) and name in kernel:
+        kernel = kernel[name]
+    return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=kernel.sharding)
+  return jax.tree_util.tree_map_with_path(place, shapes)
+
+
+def sampling_speed(batch: int = 64, response_len: int = 32, rank: int = 8, quant: str = "none",
+                   repeats: int = 5) -> dict:
+  """Rollout wall time with the adapters merged once per call vs applied on the fly, on
+  configs/tiny.py's default model (this machine; CPU numbers are what this measures)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from configs import tiny
+  from rlhf_jax.model.transformer import ModelConfig
+  from rlhf_jax.sampling import SampleConfig, generate
+  from rlhf_jax.train import lora, state as st
+  c = tiny.get_config()
+  cfg = ModelConfig.from_config(c.model, vocab_size=c.data.vocab_size)
+  model = st.make_model(cfg)
+  params = st.init_params(model, jax.random.key(0))
+  spec = lora.LoraSpec(rank=rank, alpha=2.0 * rank, quant=quant)
+  ft = lora.FineTune(model, spec)
+  tr, fz = ft.split(params, jax.random.key(1))
+  tr = jax.tree.map(lambda x: x + 0.01, tr)  # non-zero B
+  sc = SampleConfig(max_new_tokens=response_len, eos_id=-1, pad_id=0)  # no EOS: full length
+  prompt = jnp.asarray(np.random.default_rng(0).integers(4, cfg.vocab_size, (batch, c.data.prompt_len)),
+                       jnp.int32)
+  pmask = jnp.ones_like(prompt, bool)
+  fns = {
+      "merge": jax.jit(lambda t, f, r: generate(model, lora.merged_params(t, f, spec), prompt, pmask, r, sc)),
+      "on_the_fly": jax.jit(lambda t, f, r: generate(ft.model, lora.apply_params(t, f), prompt, pmask, r, sc)),
+  }
+  out = {"model": f"d={cfg.d_model} L={cfg.n_layers}", "batch": batch, "response_len": response_len,
+         "rank": rank, "quant": quant, "device": jax.devices()[0].platform}
+  for name, fn in fns.items():
+    jax.block_until_ready(fn(tr, fz, jax.random.key(0)))
+    times = []
+    for i in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(tr, fz, jax.random.key(i)))
+      times.append(time.perf_counter() - t0)
+    out[f"{name}_s"] = float(np.median(times))
+  return out
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--sizes", default="1b,7b")
+  ap.add_argument("--methods", default="full,lora,qlora_nf4")
+  ap.add_argument("--remat", default="full")
+  ap.add_argument("--fsdp", type=int, default=1, help="devices on the fsdp axis (CPU: virtual)")
+  ap.add_argument("--sampling", action="store_true", help="also time merge vs on-the-fly rollouts")
+  ap.add_argument("--exact", action="store_true",
+                  help="compile every layer (slow on CPU) instead of extrapolating from 1 and 2")
+  ap.add_argument("--out", default="")
+  a = ap.parse_args(argv)
+  if a.fsdp > 1 and "XLA_FLAGS" not in os.environ:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.fsdp}"
+  rows = []
+  if a.sampling:
+    for quant in ("none", "nf4"):
+      rows.append(sampling_speed(quant=quant))
+      print(json.dumps(rows[-1]), flush=True)
+  for size in a.sizes.split(","):
+    for method in a.methods.split(","):
+      for remat in a.remat.split(","):
+        fn = ppo_memory if a.exact else ppo_memory_extrapolated
+        rows.append(fn(size, method, remat=remat, fsdp=a.fsdp))
+        r = rows[-1]
+        print(json.dumps(r), flush=True)
+        if a.out:
+          with open(a.out, "w") as f:
+            json.dump(rows, f, indent=1)
+  return rows
+
+
+if __name__ == "__main__":
+  main()
