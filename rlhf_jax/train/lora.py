@@ -40,6 +40,8 @@ import flax.linen as nn
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from rlhf_jax.model.transformer import DTYPES
+
 TARGETS = ("qkv", "o", "wi", "down", "lm_head")
 QUANT = ("none", "bfloat16", "int8", "nf4")
 
@@ -282,7 +284,6 @@ class LoraModel:
     p = variables["params"]
     if not is_composite(p):
       return self.inner.apply(variables, *args, **kwargs)
-    from rlhf_jax.model.transformer import DTYPES
     base, ad = unpack(p, DTYPES[self.cfg.dtype])
     with adapters_on(ad, self.spec.scale):
       return self.inner.apply({**variables, "params": base}, *args, **kwargs)
@@ -362,8 +363,10 @@ class FineTune:
     if not self.lora:
       return lambda t, b, r, f: loss_fn(t, b, r)
 
+    dt = DTYPES[self.base_model.cfg.dtype]  # a quantised base dequantises straight into it
+
     def wrapped(t, b, r, f):
-      base, ad = unpack(apply_params(t, f))
+      base, ad = unpack(apply_params(t, f), dt)
       with adapters_on(ad, self.spec.scale):
         return loss_fn(base, b, r)
     return wrapped
