@@ -25,7 +25,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],  # the suite runs on two workers
         "hf": ["torch", "transformers"],
     },
 )

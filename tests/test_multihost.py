@@ -26,6 +26,10 @@ import pytest
 import helpers as h
 from test_reliability import OVERRIDES, assert_same_stage, copy_before, reference_run
 
+# The every-stage reference run is shared by test_reliability and test_multihost: run both
+# modules on one pytest-xdist worker so it is computed once.
+pytestmark = pytest.mark.xdist_group("reference_run")
+
 REPORT: list[str] = []
 
 
@@ -241,6 +245,7 @@ def test_global_batches_follow_the_mesh_device_order(tmp_path):
 
 _SLOW_WRITER = '''
 import json, os, time
+
 # Test hook (issue 19 item 15): process 0 writes config.json slowly, process 1 looks late.
 if os.environ.get("RLHF_JAX_PROCESS_ID") == "0":
   _dump = json.dump

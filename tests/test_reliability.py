@@ -32,6 +32,10 @@ import pytest
 
 import helpers as h
 
+# The every-stage reference run is shared by test_reliability and test_multihost: run both
+# modules on one pytest-xdist worker so it is computed once.
+pytestmark = pytest.mark.xdist_group("reference_run")
+
 HAS_BEST_OF_K = os.path.exists(os.path.join(h.REPO, "rlhf_jax", "stages", "best_of_k.py"))
 STAGES = (["pretrain", "sft", "label", "reward", "ppo"] + (["best_of_k"] if HAS_BEST_OF_K else [])
           + ["dpo", "grpo"])
