@@ -24,6 +24,7 @@ import os
 
 import jax
 import numpy as np
+import safetensors.numpy
 
 from rlhf_jax.config_lib import ConfigError
 from rlhf_jax.model.hf_families import FAMILIES, HFError, family_of, parse_config, specs, to_hf_config
@@ -98,8 +99,9 @@ class _Reader:
   """Tensor names -> (file, header entry) over one or several .safetensors files.
 
   Reads the safetensors header itself and memory-maps the data: safetensors'
-  numpy framework cannot return BF16 tensors, the dtype of most released
-  checkpoints, and a memory map reads only the bytes a tensor occupies.
+  numpy framework cannot return BF16 tensors (safe_open: "data type 'bfloat16' not
+  understood"), the dtype of most released checkpoints, and a memory map reads only the
+  bytes a tensor occupies. Writing goes through safetensors itself (`_write_safetensors`).
   """
 
   def __init__(self, path: str):
@@ -330,26 +332,10 @@ def save(out_dir: str, model, params, tokenizer=None, kind: str = "causal_lm", *
 
 
 def _write_safetensors(path: str, tensors: dict) -> None:
-  # safetensors.numpy.save_file cannot write bfloat16; the format is a JSON header
-  # (name -> dtype, shape, byte offsets) followed by the raw little-endian bytes.
-  codes = {np.dtype(np.float32): "F32"}
-  header, offset, blobs = {}, 0, []
-  for name in sorted(tensors):
-    a = tensors[name]
-    code = codes.get(a.dtype, "BF16")
-    b = a.tobytes()
-    header[name] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + len(b)]}
-    blobs.append(b)
-    offset += len(b)
-  header["__metadata__"] = {"format": "pt"}
-  h = json.dumps(header, separators=(",", ":")).encode()
-  h += b" " * (-len(h) % 8)  # 8-byte alignment, as the reference writer does
+  """safetensors' own writer (float32, or bfloat16 through ml_dtypes), atomically."""
   tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(len(h).to_bytes(8, "little"))
-    f.write(h)
-    for b in blobs:
-      f.write(b)
+  safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
+                              metadata={"format": "pt"})
   os.replace(tmp, path)
 
 

@@ -45,12 +45,12 @@ def test_no_gold_scorer_means_no_gold_figures(tmp_path):
   out = _evaluator(True).evaluate(1.0)
   assert out["gold_reward"] == pytest.approx(2.5) and out["win_rate_vs_sft"] == 1.0
   # PPO's evaluation points come from the proxy rows of metrics.jsonl, gold or not.
-  from rlhf_jax.stages import ppo
+  from rlhf_jax.stages import rollout
   (tmp_path / "ppo").mkdir()
   rows = [{"step": 2, "eval_proxy_reward": 0.4, "eval_kl": 1.0}, {"step": 3, "loss": 0.1}]
   (tmp_path / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  ctx = types.SimpleNamespace(stage_dir=lambda n: str(tmp_path / n))
-  pts = ppo._eval_points(ctx, {"proxy_reward": 0.0}, {"flops": 1.0, "tokens_sampled": 2})
+  pts = rollout.eval_points(str(tmp_path / "ppo"), {"proxy_reward": 0.0},
+                            {"flops": 1.0, "tokens_sampled": 2})
   assert [p["iteration"] for p in pts] == [0, 2] and all("gold_reward" not in p for p in pts)
   # The report leaves gold rows and columns out instead of filling them with dashes.
   from test_report import fake_workdir
@@ -201,9 +201,8 @@ _MODULES = {"jax": "jax", "flax": "flax", "optax": "optax", "orbax-checkpoint": 
             "sentencepiece": "sentencepiece", "tensorflow-datasets": "tensorflow_datasets",
             "array-record": "array_record", "ml-collections": "ml_collections", "absl-py": "absl",
             "numpy": "numpy", "matplotlib": "matplotlib", "tensorboardX": "tensorboardX",
-            "safetensors": "safetensors", "tqdm": "tqdm"}
-_INDIRECT = {"array-record": "tensorflow_datasets writes and reads array_record files with it",
-             "safetensors": "the Hugging Face import/export (issue 14) reads and writes it"}
+            "safetensors": "safetensors", "tqdm": "tqdm", "tokenizers": "tokenizers"}
+_INDIRECT = {"array-record": "tensorflow_datasets writes and reads array_record files with it"}
 
 
 def _install_requires() -> list[str]:
