@@ -35,6 +35,7 @@ def get_config(arg="tiny"):
   # compiles faster on CPU (the tests); timings are then not representative.
   c.compiler_options = ""
   c.hf = True  # compare with HF transformers' LlamaForCausalLM when torch+transformers import
+  c.hf_threads = 0  # torch.set_num_threads on CPU (0 = torch's default, one per core)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.opt = cl.optimizer(3e-4, schedule="constant", b2=0.95, weight_decay=0.1)
 

@@ -147,12 +147,20 @@ def _timed(fn) -> float:
 
 
 def _measure(fn, warmup: int, steps: int) -> dict:
-  """fn() runs one call; per-call seconds after `warmup` untimed calls."""
+  """fn() runs one call; per-call seconds after `warmup` untimed calls.
+
+  `cpu_s` is the process CPU time (all threads, user + system) per call: on a
+  CPU shared with other jobs the wall time stretches with the load, while the
+  CPU time stays close to the work the call does, so it is the figure to
+  compare across runs on a busy machine (docs/performance.md, "Timing").
+  """
   for _ in range(warmup):
     jax.block_until_ready(fn())
+  c0 = time.process_time()
   times = [_timed(fn) for _ in range(steps)]
+  cpu = (time.process_time() - c0) / steps
   return {"step_s": statistics.median(times), "step_s_mean": statistics.fmean(times),
-          "step_s_min": min(times), "steps": steps}
+          "step_s_min": min(times), "cpu_s": cpu, "steps": steps}
 
 
 def compiler_options(text: str) -> dict:
@@ -266,6 +274,7 @@ def _step_section(env: Env, name: str, loss_fn, batch: dict, tokens: int, flops_
 
   res.update(_measure(one, c.warmup, env.steps(c[name])))
   res["tokens_per_s"] = tokens / res["step_s"]
+  res["tokens_per_cpu_s"] = tokens / res["cpu_s"]
   res.update(env.mfu(res["tokens_per_s"] * flops_per_tok))
   res["peak_bytes"] = peak_bytes()
   return res
@@ -331,6 +340,7 @@ def bench_sampler(env: Env) -> dict:
       del out
       run.update(_measure(lambda: compiled(*args)["tokens"], c.warmup, env.steps(s)))
       run["tokens_per_s"] = b * n / run["step_s"]
+      run["tokens_per_cpu_s"] = b * n / run["cpu_s"]
       run.update(env.mfu(_sample_flops(env, b, p, n) / run["step_s"]))
       run["peak_bytes"] = peak_bytes()
     runs.append(run)
@@ -484,6 +494,7 @@ def hf_spec(config, sections: list[str]) -> dict:
   return {"model": {k: m[k] for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                                       "d_ff", "max_len", "rope_theta", "tie_embeddings", "norm_eps")},
           "bf16": m.dtype == "bfloat16", "seed": config.seed, "warmup": config.warmup,
+          "threads": int(config.hf_threads),
           "steps": int(config.train.steps or config.steps),
           "train": ({"batch_size": config.train.batch_size, "seq_len": config.train.seq_len}
                     if "train" in sections else None),
@@ -513,19 +524,26 @@ def hf_bench(spec: dict) -> dict:
   sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
   peak = lambda: int(torch.cuda.max_memory_allocated()) if dev == "cuda" else None
 
+  cpu = {}
+
   def measure(fn, steps):
     for _ in range(spec["warmup"]):
       fn()
     sync()
     times = []
+    c0 = time.process_time()
     for _ in range(steps):
       t0 = time.perf_counter()
       fn()
       sync()
       times.append(time.perf_counter() - t0)
+    cpu["s"] = (time.process_time() - c0) / steps  # per call, all threads (see _measure)
     return statistics.median(times)
 
+  if dev == "cpu" and spec.get("threads"):
+    torch.set_num_threads(spec["threads"])
   out = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+         "threads": torch.get_num_threads(),
          "torch": torch.__version__, "transformers": transformers.__version__,
          "attn_implementation": getattr(conf, "_attn_implementation", None)}
   if spec["train"]:
@@ -545,7 +563,7 @@ def hf_bench(spec: dict) -> dict:
       torch.cuda.reset_peak_memory_stats()
     s = measure(step, spec["steps"])
     out["train"] = {"batch_size": b, "seq_len": t, "step_s": s, "tokens_per_s": b * t / s,
-                    "peak_bytes": peak()}
+                    "cpu_s": cpu["s"], "tokens_per_cpu_s": b * t / cpu["s"], "peak_bytes": peak()}
     del opt
     model.zero_grad(set_to_none=True)
   if spec["sampler"]:
@@ -602,6 +620,9 @@ def _hf_ratios(results: dict, hf: dict) -> dict:
   ours_train = results.get("train", {})
   if "train" in hf and "tokens_per_s" in ours_train:
     ratios["train_tokens_per_s"] = ours_train["tokens_per_s"] / hf["train"]["tokens_per_s"]
+    if "tokens_per_cpu_s" in hf["train"]:
+      ratios["train_tokens_per_cpu_s"] = (ours_train["tokens_per_cpu_s"]
+                                          / hf["train"]["tokens_per_cpu_s"])
     peak = results.get("peak", {}).get("peak_flops")
     if peak:
       hf["train"]["mfu"] = hf["train"]["tokens_per_s"] * ours_train["flops_per_token"] / peak
@@ -647,6 +668,7 @@ def run(config, workdir: str, argv: list[str] | None = None) -> dict:
   if config.hf:  # before JAX touches the accelerator
     hf = run_hf(config, sections, workdir)
   report = {"preset": config.preset, "date": datetime.date.today().isoformat(),
+            "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()[0],
             "sections": sections, "compile_only": bool(config.compile_only),
             "isolated": bool(config.isolate and argv is not None)}
   if config.isolate and argv is not None:
@@ -671,6 +693,7 @@ def run(config, workdir: str, argv: list[str] | None = None) -> dict:
     for s in sections:
       report[s] = BENCHES[s](env)
   report["hf"] = hf
+  report["load_avg_end"] = os.getloadavg()[0]  # 1-min load: wall times are only comparable near 0
   if hf.get("status") == "ok":
     hf["ratios_ours_over_hf"] = _hf_ratios(report, hf)
   with open(os.path.join(workdir, "bench.json"), "w") as f:
@@ -704,6 +727,9 @@ def format_table(r: dict) -> str:
   rows = []
   peak = r.get("peak", {})
   rows.append(("device", f"{r.get('device', {}).get('kind')} x{r.get('device', {}).get('count')}"))
+  if "load_avg_end" in r:
+    rows.append(("load average (1 min)", f"{r['load_avg_start']:.1f} at start, "
+                                         f"{r['load_avg_end']:.1f} at end, {r['cpu_count']} CPUs"))
   rows.append(("peak FLOP/s used for MFU", f"{_fmt(peak.get('peak_flops'))} ({peak.get('peak_source')})"))
   if peak.get("ceiling_flops"):
     rows.append(("measured matmul ceiling", _fmt(peak["ceiling_flops"])))
@@ -713,7 +739,8 @@ def format_table(r: dict) -> str:
     d = r.get(name)
     if d and "tokens_per_s" in d:
       rows.append((f"{name} step", f"{_fmt(d['tokens_per_s'])} tok/s, MFU {pct(d)}, "
-                                   f"{d['step_s'] * 1e3:.1f} ms/step, peak {_gib(d['peak_bytes'])}"))
+                                   f"{d['step_s'] * 1e3:.1f} ms/step, {d['cpu_s'] * 1e3:.1f} ms CPU/step, "
+                                   f"peak {_gib(d['peak_bytes'])}"))
     elif d:
       rows.append((f"{name} step", d.get("error") or _compiled(d)))
   for run_ in r.get("sampler", {}).get("runs", []):
@@ -739,7 +766,9 @@ def format_table(r: dict) -> str:
   rows.append(("hf transformers", hf.get("status")))
   if "train" in hf:
     mfu = f", MFU {100 * hf['train']['mfu']:.1f}%" if "mfu" in hf["train"] else ""
-    rows.append(("  hf train step", f"{_fmt(hf['train']['tokens_per_s'])} tok/s{mfu}"))
+    cpu_ = (f", {hf['train']['cpu_s'] * 1e3:.1f} ms CPU/step ({hf.get('threads')} threads)"
+            if "cpu_s" in hf["train"] else "")
+    rows.append(("  hf train step", f"{_fmt(hf['train']['tokens_per_s'])} tok/s{mfu}{cpu_}"))
   for run_ in hf.get("sampler", []):
     rows.append((f"  hf sampler b={run_['batch_size']}",
                  f"{_fmt(run_['tokens_per_s'])} tok/s" if "tokens_per_s" in run_ else run_["error"]))

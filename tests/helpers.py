@@ -25,8 +25,8 @@ def env(devices: int | None = None) -> dict:
   e.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1")
   flags = [f for f in e.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-  if devices:
-    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  # Always explicit: without it `rlhf_jax.main.cpu_defaults` would split the CPU in two.
+  flags.append(f"--xla_force_host_platform_device_count={devices or 1}")
   e["XLA_FLAGS"] = " ".join(flags)
   return e
 

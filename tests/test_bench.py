@@ -44,6 +44,10 @@ def test_tiny_preset_writes_finite_figures(tmp_path):
   for name in ("train", "reward"):
     assert _positive(saved[name]["tokens_per_s"]), name
     assert _positive(saved[name]["mfu"]), name
+    # CPU time per step: the load-independent figure (all threads, so it can exceed wall time).
+    assert _positive(saved[name]["cpu_s"]), name
+    assert math.isclose(saved[name]["tokens_per_cpu_s"] * saved[name]["cpu_s"],
+                        saved[name]["tokens_per_step"]), name
     assert saved[name]["peak_bytes"] is None  # CPU reports no memory stats
   run = saved["sampler"]["runs"][0]
   assert run["tokens_generated"] == 4 * 8  # min_new_tokens = new_tokens: nothing stops early
@@ -58,6 +62,7 @@ def test_tiny_preset_writes_finite_figures(tmp_path):
   assert saved["hf"]["status"].startswith("off")
   assert report["train"]["tokens_per_step"] == 2 * 32
   assert "sampler b=4" in bench.format_table(saved)
+  assert "ms CPU/step" in bench.format_table(saved) and saved["load_avg_end"] >= 0
 
 
 def test_bad_section_fails_before_compiling(tmp_path):
