@@ -24,11 +24,16 @@ def test_pairs_from_rankings_skip_ties_and_mask_the_prompt():
   # Only the response and its EOS are scored: the policy did not choose the prompt.
   np.testing.assert_array_equal(arrays["chosen_loss_mask"][0], [0, 0, 0, 1, 1, 0, 0, 0])
   np.testing.assert_array_equal(arrays["rejected_mask"][0], [1] * 7 + [0])
-  # Too long: the response is cut but keeps its EOS.
+  # Too long: the response is cut and has no EOS (it did not end where the model sees it).
   arrays, counts = pair_examples([[5]], [[[7] * 9, [8]]], [[0, 1]], max_len=6, bos_id=1, eos_id=3,
                                  pad_id=0, mode="all")
   assert counts["truncated"] == 1
-  np.testing.assert_array_equal(arrays["chosen_tokens"][0], [1, 5, 7, 7, 7, 3])
+  np.testing.assert_array_equal(arrays["chosen_tokens"][0], [1, 5, 7, 7, 7, 7])
+  # A label-stage sample that did not end gets no EOS either; one that ended does.
+  arrays, _ = pair_examples([[5]], [[[7, 7], [8]]], [[0, 1]], max_len=6, bos_id=1, eos_id=3,
+                            pad_id=0, mode="all", ended=[[False, True]])
+  np.testing.assert_array_equal(arrays["chosen_tokens"][0], [1, 5, 7, 7, 0, 0])
+  np.testing.assert_array_equal(arrays["rejected_tokens"][0], [1, 5, 8, 3, 0, 0])
 
 
 def _toy_pairs(rng, n, length=6):

@@ -242,20 +242,7 @@ class DataSources:
     raw eval rows are (prompt text, response texts, ended flags), aligned with eval.
     """
     tok = self.tokenizer
-    from_label = self.synthetic or not self.cfg.files.ranking
-    sampled = os.path.join(label_dir, "train.jsonl") if from_label else None
-    if sampled and _has_token_ids(sampled):
-      stats = formats.ReadStats()
-      recs = list(formats.read_sampled_ranking(sampled, skip_bad=self.cfg.skip_bad, stats=stats))
-      prompt_ids = [r["prompt_ids"] for r in recs]
-      responses_ids = [r["response_ids"] for r in recs]
-      ended = [r["ended"] for r in recs]
-    else:
-      recs, prompts, stats = self.ranking_records(label_dir)
-      recs = list(recs)
-      prompt_ids = tok.encode_batch(prompts)
-      responses_ids = [tok.encode_batch(r["responses"]) for r in recs]
-      ended = None  # written responses are finished
+    recs, prompt_ids, responses_ids, ended, stats = self.ranking_tokens(label_dir)
     ex, counts = batching.reward_examples(
         prompt_ids, responses_ids, [r["ranks"] for r in recs], self.cfg.max_len, tok.bos_id,
         tok.eos_id, tok.pad_id, max_k=max_k, overlong=self.cfg.overlong, ended=ended,
@@ -273,10 +260,28 @@ class DataSources:
            for i in index[-n_eval:]]
     return (train, evals), raw, {**counts, "skipped_rows": stats.num_skipped}
 
+  def ranking_tokens(self, label_dir: str | None):
+    """(records, prompt ids, response ids, ended flags or None, read stats) of the K-way
+    rankings the reward model and DPO learn from. The label stage's output carries the
+    token ids as sampled and whether each sample ended (issue 19 item 7: no decode and
+    re-encode, EOS only where a sample ended); real rankings are text, tokenized here, and
+    their responses are finished (ended = None)."""
+    from_label = self.synthetic or not self.cfg.files.ranking
+    sampled = os.path.join(label_dir, "train.jsonl") if from_label else None
+    if sampled and _has_token_ids(sampled):
+      stats = formats.ReadStats()
+      recs = list(formats.read_sampled_ranking(sampled, skip_bad=self.cfg.skip_bad, stats=stats))
+      return (recs, [r["prompt_ids"] for r in recs], [r["response_ids"] for r in recs],
+              [r["ended"] for r in recs], stats)
+    recs, prompts, stats = self.ranking_records(label_dir)
+    recs = list(recs)
+    tok = self.tokenizer
+    return (recs, tok.encode_batch(prompts), [tok.encode_batch(r["responses"]) for r in recs],
+            None, stats)
+
   def ranking_records(self, label_dir: str | None):
-    """The K-way ranking records `rankings` reads (label stage or data.files.ranking),
-    with each prompt as the model sees it: (records, prompt texts, TFDS read stats).
-    DPO builds its pairs from these (it needs the prompt / response boundary)."""
+    """The K-way ranking records as text (label stage or data.files.ranking), each prompt
+    as the model sees it: (records, prompt texts, TFDS read stats)."""
     if self.synthetic or not self.cfg.files.ranking:
       manual, fmt, data_dir = label_dir, "kway", os.path.join(label_dir, "tfds")
     else:

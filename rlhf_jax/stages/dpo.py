@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.data.batching import fit_row
 from rlhf_jax.data.formats import DataError
 from rlhf_jax.losses import dpo_loss, token_logprobs
 from rlhf_jax.model.transformer import flops_per_token, param_count
@@ -47,24 +48,27 @@ def preference_pairs(ranks, mode: str) -> list[tuple[int, int]]:
   raise ValueError(f"pairs must be 'all' or 'best_vs_rest', got {mode!r}")
 
 
-def pair_examples(prompt_ids, responses_ids, ranks, max_len: int, bos_id: int, eos_id: int,
-                  pad_id: int, mode: str) -> tuple[dict, dict]:
-  """Rankings -> pair rows BOS prompt response EOS, right-padded to max_len.
+def pair_examples(prompt_ids, responses_ids, ranks, max_len: int, bos_id: int | None,
+                  eos_id: int, pad_id: int, mode: str, ended=None, *, max_prompt_len: int = 0,
+                  max_response_len: int = 0) -> tuple[dict, dict]:
+  """Rankings -> pair rows [BOS] prompt response [EOS], right-padded to max_len.
 
-  For each side: tokens [N, L], mask (real tokens), loss_mask (the response tokens
-  and EOS: what the policy chose). As in the reward model's rows, an over-long
-  response is cut but keeps its EOS; a prompt leaving no room for one response token
-  drops the ranking. Returns (arrays, counts)."""
+  For each side: tokens [N, L], mask (real tokens), loss_mask (the response tokens and
+  EOS: what the policy chose). Rows are cut as the reward model's are
+  (`batching.fit_row`: a long prompt keeps its end, a cut response has no EOS), and EOS
+  follows only a response that ended (`ended`, from the label stage; None = all did).
+  Returns (arrays, counts)."""
   rows = {s: [] for s in SIDES}
   counts = {"rankings": len(prompt_ids), "dropped": 0, "truncated": 0, "ties_or_no_pair": 0}
-  for prompt, responses, rank in zip(prompt_ids, responses_ids, ranks):
-    head = [bos_id, *prompt]
-    room = max_len - len(head) - 1
-    if room < 1:
+  for n, (prompt, responses, rank) in enumerate(zip(prompt_ids, responses_ids, ranks)):
+    fits = [fit_row(prompt, r, True if ended is None else bool(ended[n][i]), max_len, bos_id,
+                    eos_id, max_prompt_len, max_response_len) for i, r in enumerate(responses)]
+    head = fits[0][0]
+    if len(head) >= max_len:
       counts["dropped"] += 1
       continue
-    counts["truncated"] += any(len(r) > room for r in responses)
-    seqs = [head + [*r[:room], eos_id] for r in responses]
+    counts["truncated"] += any(p_cut or r_cut for _, _, p_cut, r_cut in fits)
+    seqs = [h + t for h, t, _, _ in fits]
     pairs = preference_pairs(list(rank), mode)
     counts["ties_or_no_pair"] += not pairs
     for i, j in pairs:
@@ -111,7 +115,7 @@ def reference_logps(ctx, model, params, arrays: dict, batch_size: int) -> dict:
   for side in SIDES:
     inputs = {k: arrays[f"{side}_{k}"] for k in ("tokens", "mask", "loss_mask")}
     vals = []
-    for _, keep, host in sh.global_batches(inputs, batch_size):
+    for _, keep, host in sh.global_batches(inputs, batch_size, ctx.mesh):
       b = sh.put_batch(host, ctx.mesh)
       vals.append(sh.to_host(fn(params, b["tokens"], b["mask"], b["loss_mask"]))[:keep])
     out[f"ref_{side}"] = np.concatenate(vals).astype(np.float32)
@@ -120,7 +124,8 @@ def reference_logps(ctx, model, params, arrays: dict, batch_size: int) -> dict:
 
 def load_pairs(ctx, dc):
   """(train, eval) pair arrays with reference log-probs to come, split by ranking."""
-  recs, prompts, stats = ctx.sources.ranking_records(os.path.join(ctx.stage_dir("label"), "data"))
+  recs, prompt_ids, responses_ids, ended, stats = ctx.sources.ranking_tokens(
+      os.path.join(ctx.stage_dir("label"), "data"))
   tok = ctx.sources.tokenizer
   n_eval = max(1, int(len(recs) * dc.eval_frac))
   if len(recs) - n_eval < 1:
@@ -130,9 +135,9 @@ def load_pairs(ctx, dc):
   for name, sl in split.items():
     r = recs[sl]
     out[name], c = pair_examples(
-        tok.encode_batch(prompts[sl]), [tok.encode_batch(x["responses"]) for x in r],
-        [x["ranks"] for x in r], ctx.config.data.max_len, tok.bos_id, tok.eos_id, tok.pad_id,
-        dc.pairs)
+        prompt_ids[sl], responses_ids[sl], [x["ranks"] for x in r], ctx.config.data.max_len,
+        tok.bos_id, tok.eos_id, tok.pad_id, dc.pairs, None if ended is None else ended[sl],
+        max_prompt_len=ctx.sources.max_prompt_len, max_response_len=ctx.sources.max_response_len)
     counts.update({f"{name}_{k}": v for k, v in c.items()})
   return out["train"], out["eval"], counts
 
