@@ -280,9 +280,9 @@ def _run_round(ctx, r: int, model, gen, reward, prev_params, evaluator, sft_eval
       ctx, f"best_of_k/round_{r}", bc.train, model=model, loss_fn=loss, eval_loss=loss,
       train_arrays=fill_batch(ex, bc.train.batch_size), eval_arrays=sft_eval_arrays,
       init_params=lambda: copy(prev_params), tokens_per_example=width,
-      base="sft" if r == 1 else f"best_of_k/round_{r - 1}",
-      extra_meta={"best_of_k": {k: v for k, v in bc.to_dict().items()
-                                if k not in ("train", "rounds", "eval_pool")}})  # shape the round
+      # The round's examples are saved in kept.json (a resume trains on them, whatever the
+      # sampling settings say now), so the settings need no checkpoint check here.
+      base="sft" if r == 1 else f"best_of_k/round_{r - 1}")
   compute = _round_compute(ctx, stats["samples"], width)
   total = {k: spent[k] + v for k, v in compute.items()}
   ev = evaluator.evaluate(state["params"], {"policy": "best_of_k", "round": r})
