@@ -40,20 +40,6 @@ def _stage_dir(workdir: str, stage: str) -> str:
   return os.path.join(workdir, stage)
 
 
-def _read_meta(stage_dir: str) -> tuple[int, dict]:
-  import orbax.checkpoint as ocp
-  directory = os.path.join(stage_dir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{directory}: no checkpoint; run that stage first")
-  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{directory}: no finished checkpoint; run that stage first")
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  mngr.close()
-  return step, meta
-
-
 def model_config_of(meta: dict, where: str):
   """The ModelConfig a checkpoint was trained with, from its meta item."""
   from rlhf_jax.config_lib import ConfigError
@@ -105,7 +91,8 @@ def export(workdir: str, stage: str, out: str, kind: str | None = None,
     raise hf.HFError(f"--stage {stage!r}: one of {', '.join(STAGES)} (or best_of_k/round_N)")
   kind = kind or ("reward" if stage == "reward" else "causal_lm")
   stage_dir = _stage_dir(workdir, stage)
-  step, meta = _read_meta(stage_dir)
+  from rlhf_jax.train.checkpoint import latest_meta
+  step, meta = latest_meta(stage_dir)
   cfg = model_config_of(meta, f"{stage_dir}/checkpoints/{step}")
   model = st.make_model(cfg)
   params, _ = restore_item(stage_dir, item, st.abstract_params(model))

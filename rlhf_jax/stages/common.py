@@ -94,7 +94,7 @@ def load_params(ctx, stage: str, model, item: str = "params"):
   A LoRA stage's checkpoint holds its trainable part and names its base (`meta.lora`):
   the base is loaded (recursively: it may be LoRA too), stored as the stage stored it
   (quantised for QLoRA) and the adapters merged in, so every caller gets full weights."""
-  lm = latest_meta(ctx.stage_dir(stage)).get("lora") if item == "params" else None
+  lm = latest_meta(ctx.stage_dir(stage))[1].get("lora") if item == "params" else None
   if lm is None:
     return restore_item(ctx.stage_dir(stage), item, st.abstract_params(model),
                         expect_meta=model_meta(ctx))

@@ -116,32 +116,31 @@ def check_meta(meta: dict, expect: dict | None, where: str) -> None:
           f"{json.dumps(diff, default=str)}; use a fresh --workdir or the original config")
 
 
-def latest_meta(stage_dir: str) -> dict:
-  """The `meta` item of a stage's latest checkpoint (which model it holds: a LoRA
-  checkpoint names its base stage there)."""
+def _open_latest(stage_dir: str):
+  """(read-only manager, latest finished step, its `meta` item) of a stage's checkpoints."""
   directory = os.path.join(stage_dir, "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{directory}: no checkpoint to start from; run that stage first")
   mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
   step = mngr.latest_step()
   if step is None:
+    mngr.close()
     raise FileNotFoundError(f"{directory}: no finished checkpoint to start from; run that stage first")
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  return mngr, step, mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def latest_meta(stage_dir: str) -> tuple[int, dict]:
+  """(step, `meta` item) of a stage's latest checkpoint: which model it holds (a LoRA
+  checkpoint names its base stage there)."""
+  mngr, step, meta = _open_latest(stage_dir)
   mngr.close()
-  return meta
+  return step, meta
 
 
 def restore_item(stage_dir: str, item: str, abstract, expect_meta: dict | None = None):
   """Restore one item (e.g. `params`) of a stage's latest checkpoint onto `abstract`'s shardings."""
-  directory = os.path.join(stage_dir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{directory}: no checkpoint to start from; run that stage first")
-  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{directory}: no finished checkpoint to start from; run that stage first")
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  check_meta(meta, expect_meta, f"{directory}/{step}")
+  mngr, step, meta = _open_latest(stage_dir)
+  check_meta(meta, expect_meta, os.path.join(stage_dir, "checkpoints", str(step)))
   out = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))
   mngr.close()
   return out[item], meta
