@@ -154,15 +154,21 @@ def check_ranks(ranks: list, k: int, allow_ties: bool = False,
   return list(ranks)
 
 
-def _parse_kway(row: dict, allow_ties: bool = False, key: str = 'ranking') -> dict:
-  prompt = _get(row, 'prompt', str)
+def _responses(row: dict, allow_empty: bool) -> list:
+  """'responses': 2..MAX_K strings (non-empty unless allow_empty: a label-stage sample may be)."""
   responses = _get(row, 'responses', list)
   if not 2 <= len(responses) <= MAX_K:
     raise _Bad('bad_k', f"'responses' must hold 2..{MAX_K} entries, got {len(responses)}")
   for i, r in enumerate(responses):
     if not isinstance(r, str):
       raise _Bad('wrong_type', f"'responses[{i}]' must be string, got {_type_name(r)}")
-    _nonempty(r, f'responses[{i}]')
+    if not allow_empty:
+      _nonempty(r, f'responses[{i}]')
+  return responses
+
+
+def _parse_kway(row: dict, allow_ties: bool = False, key: str = 'ranking') -> dict:
+  prompt, responses = _get(row, 'prompt', str), _responses(row, allow_empty=False)
   ranks = check_ranks(_get(row, key, list), len(responses), allow_ties, key)
   return {'prompt': prompt, 'responses': list(responses), 'ranks': ranks}
 
@@ -181,13 +187,7 @@ def _parse_sampled(row: dict) -> dict:
   'prompt_ids' (what the samples were conditioned on, no BOS), 'response_ids' (each
   sample's ids, without its EOS) and 'ended' (whether the sample emitted EOS).
   """
-  prompt = _get(row, 'prompt', str)
-  responses = _get(row, 'responses', list)
-  if not 2 <= len(responses) <= MAX_K:
-    raise _Bad('bad_k', f"'responses' must hold 2..{MAX_K} entries, got {len(responses)}")
-  for i, r in enumerate(responses):
-    if not isinstance(r, str):
-      raise _Bad('wrong_type', f"'responses[{i}]' must be string, got {_type_name(r)}")
+  prompt, responses = _get(row, 'prompt', str), _responses(row, allow_empty=True)
   k = len(responses)
   ranks = check_ranks(_get(row, 'ranking', list), k, allow_ties=True)
   prompt_ids = _token_ids(_get(row, 'prompt_ids', list), 'prompt_ids')
