@@ -57,7 +57,11 @@ def get_config(arg=None):
   # InstructGPT step 2: K samples per prompt ranked by the simulated annotators.
   c.label = dict(k=4, batch_size=64, sample_temperature=1.0,
                  annotator_temperature=0.25,  # Plackett-Luce noise on gold scores
-                 flip_rate=0.0)
+                 flip_rate=0.0,
+                 # Who plays the annotators and the gold scorer: "world" (the synthetic
+                 # world) or a reward model, Gao et al. 2022: another workdir (DIR or
+                 # DIR/reward) or a Hugging Face *ForSequenceClassification folder.
+                 annotator="world")
   c.reward = cl.train(steps=120, batch_size=32, lr=3e-4, warmup_steps=10, eval_every=40,
                       log_every=10, ckpt_every=40)  # ~2 epochs: RMs overfit fast (InstructGPT: 1)
   c.reward.eval_frac = 0.1  # held-out fraction of labelled prompts

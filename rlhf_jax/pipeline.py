@@ -48,13 +48,25 @@ class Context:
   workdir: str
   mesh: object
   _sources: object = None
+  _gold: object = None
 
   @property
   def sources(self):
     if self._sources is None:
       from rlhf_jax.data.sources import DataSources
-      self._sources = DataSources(self.config.data, self.workdir, self.config.seed)
+      from rlhf_jax.stages.gold import WORLD, annotator
+      self._sources = DataSources(self.config.data, self.workdir, self.config.seed,
+                                  labelled=annotator(self.config) != WORLD)
     return self._sources
+
+  @property
+  def gold(self):
+    """The gold scorer (`config.label.annotator`: the world or a reward model), built on
+    first use: `.available`, `.name`, `.score(prompts, responses, ended)` (stages/gold.py)."""
+    if self._gold is None:
+      from rlhf_jax.stages import gold
+      self._gold = gold.build(self)
+    return self._gold
 
   @property
   def model_cfg(self) -> ModelConfig:
@@ -81,8 +93,10 @@ def _stage_requires(config, name: str):
   req = REQUIRES[name]
   if name == "sft" and config.model.hf:
     req = ()  # starts from the Hugging Face weights unless pretrain ran (stages/common.base_params)
+  from rlhf_jax.stages.gold import WORLD, annotator
   if (name in ("reward", "dpo") and config.data.source == "files"
-      and config.data.files.ranking):  # real rankings instead of the label stage
+      and config.data.files.ranking  # real rankings instead of the label stage's
+      and annotator(config) == WORLD):  # (a gold-RM annotator labels them: stages/gold.py)
     req = tuple(r for r in req if r != "label")
   return req
 
@@ -147,7 +161,14 @@ def fixed_keys(config_flat: dict, stage: str) -> set[str]:
     keys |= {"data." + k for k in _CORPUS}
   keys |= {"data." + k for k in STAGE_DATA.get(stage, ())}
   keys |= {k for k in config_flat if k.startswith("data.") and k[5:] not in data_listed}
+  if stage not in ("pretrain", "sft"):  # who labels (and scores gold): label and after
+    keys.add("label.annotator")
   return keys
+
+
+def _defaults(flat: dict) -> dict:
+  """Fields that configs written before them lacked, at the behaviour they had then."""
+  return {"label.annotator": "world", **flat}
 
 
 def _diff(old: dict, new: dict, keys) -> dict:
@@ -167,9 +188,9 @@ def check_workdir_config(config, workdir: str) -> dict:
   checkpoints but no summary are held to the same rule: their resume would mix data.
   Pure reading: every process can run it before anyone writes.
   """
-  current = _flat(json.loads(config.to_json_best_effort()))
+  current = _defaults(_flat(json.loads(config.to_json_best_effort())))
   last = _read_json(os.path.join(workdir, "config.json"))
-  last = _flat(last) if isinstance(last, dict) else None
+  last = _defaults(_flat(last)) if isinstance(last, dict) else None
   for name in config_lib.STAGES:
     done = os.path.exists(os.path.join(workdir, name, "summary.json"))
     if not (done or _stage_started(workdir, name)):
@@ -178,6 +199,7 @@ def check_workdir_config(config, workdir: str) -> dict:
     saved = _flat(saved) if isinstance(saved, dict) else last
     if saved is None:
       continue
+    saved = _defaults(saved)
     # Keys the saved config predates (fields added since, at their old behaviour) are skipped.
     bad = _diff(saved, current, (fixed_keys(saved, name) | fixed_keys(current, name)) & set(saved))
     if bad:
@@ -282,6 +304,8 @@ def setup(config):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   apply_hf_model(config)
   config_lib.validate(config, jax.device_count(), jax.process_count())
+  from rlhf_jax.stages import gold
+  gold.check(config, sh.resolve_mesh_shape(config.mesh, jax.device_count()))
   return sh.make_mesh(config.mesh)
 
 
@@ -293,6 +317,16 @@ def run(config, workdir: str) -> None:
   stages = [s.strip() for s in config.stages.split(",") if s.strip()]
   with loop.PreemptionGuard() as guard:
     _run_stages(ctx, stages, guard)
+
+
+def _has_gold_figures(obj) -> bool:
+  """A number under a key naming gold, anywhere in a summary (eval points, curves)."""
+  if isinstance(obj, dict):
+    return any(("gold" in k and isinstance(v, (int, float)) and not isinstance(v, bool)
+                and v == v) or _has_gold_figures(v) for k, v in obj.items())
+  if isinstance(obj, list):
+    return any(_has_gold_figures(v) for v in obj)
+  return False
 
 
 def _run_stages(ctx, stages, guard) -> None:
@@ -311,6 +345,8 @@ def _run_stages(ctx, stages, guard) -> None:
     print(f"[{name}] starting", flush=True)
     module = importlib.import_module(f"rlhf_jax.stages.{name}")
     summary = module.run(ctx)
+    if _has_gold_figures(summary):  # every gold figure names its scorer (label.annotator)
+      summary["gold_scorer"] = ctx.gold.name
     summary["wall_seconds"] = round(time.time() - t0, 2)
     # What the stage ran with, before the summary that marks it finished: later runs
     # are checked against it (check_workdir_config).

@@ -447,8 +447,23 @@ def _before_after(s: dict, key: str) -> str:
   return f"{fmt(s.get('init_eval_' + key))} → {fmt(s.get('eval_' + key))}"
 
 
+def gold_scorer(workdir: str) -> str | None:
+  """Who scored the gold figures (summaries' `gold_scorer`: "world" or a reward model,
+  config.label.annotator); None when no stage has gold figures."""
+  for name in ("label", "reward", "ppo", "best_of_k", "dpo", "grpo", "evaluate"):
+    s = load_summary(workdir, name)
+    if s is not None and s.get("gold_scorer"):
+      return s["gold_scorer"]
+  return None
+
+
 def _headline(workdir: str, missing: list) -> list[str]:
   md = ["## Headline figures", ""]
+  scorer = gold_scorer(workdir)
+  if scorer:
+    md += [f"Gold figures: gold = {scorer}" + (" (the synthetic world's scorer)" if scorer == "world"
+           else " (a reward model playing the annotators and the gold scorer, Gao et al. 2022)")
+           + ".", ""]
   for name in ("pretrain", "sft"):
     s = load_summary(workdir, name)
     if s is None:
@@ -460,7 +475,7 @@ def _headline(workdir: str, missing: list) -> list[str]:
   s = load_summary(workdir, "label")
   if s is not None:
     md += [f"**label**: {fmt(s.get('prompts'))} prompts x K={fmt(s.get('k'))} SFT samples ranked by the "
-           f"simulated annotators; pairwise agreement with gold {fmt(s.get('label_gold_agreement'))} "
+           f"simulated annotators (gold = {s.get('gold_scorer', 'world')}); pairwise agreement with gold {fmt(s.get('label_gold_agreement'))} "
            f"(pairs with gold gap > 0.25: {fmt(s.get('label_gold_agreement_clear'))}); "
            f"sample gold {fmt(s.get('sample_gold_mean'))} ± {fmt(s.get('sample_gold_std'))}.", ""]
   s = load_summary(workdir, "reward")

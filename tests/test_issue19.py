@@ -29,7 +29,7 @@ _TOY = ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, n_kv_heads=
 def _evaluator(has_gold: bool):
   from rlhf_jax.stages.policy_eval import PolicyEvaluator
   ev = PolicyEvaluator.__new__(PolicyEvaluator)  # the figures only: fixed samples
-  ev.ctx = types.SimpleNamespace(sources=types.SimpleNamespace(has_gold=has_gold))
+  ev.ctx = types.SimpleNamespace(gold=types.SimpleNamespace(available=has_gold))  # ctx.gold
   gold = np.array([1.0, 2.0]) if has_gold else np.full(2, np.nan)
   ev.samples = lambda params: {"gold": gold + params, "proxy": np.array([0.5, 0.7]),
                                "kl": np.array([0.1, 0.3]), "length": np.array([4, 6]),

@@ -73,9 +73,13 @@ def _split(arrays: dict, frac: float, name: str):
 
 class DataSources:
 
-  def __init__(self, data_cfg, workdir: str, seed: int):
+  def __init__(self, data_cfg, workdir: str, seed: int, labelled: bool = False):
     self.cfg, self.workdir, self.seed = data_cfg, workdir, seed
     self.synthetic = data_cfg.source == "synthetic"
+    # A reward-model annotator (label.annotator, stages/gold.py) ranks the label stage's
+    # samples: the proxy RM and DPO learn from those, even with data.files.ranking (which
+    # then gives the prompts and demonstrations only; Gao et al. 2022's setup).
+    self.labelled = labelled
     self.tfds_dir = os.path.join(workdir, "tfds")
     self.prompt_counts = {}  # split -> what prompt_set's budget did (truncated / dropped)
 
@@ -266,7 +270,7 @@ class DataSources:
     token ids as sampled and whether each sample ended (issue 19 item 7: no decode and
     re-encode, EOS only where a sample ended); real rankings are text, tokenized here, and
     their responses are finished (ended = None)."""
-    from_label = self.synthetic or not self.cfg.files.ranking
+    from_label = self.synthetic or not self.cfg.files.ranking or self.labelled
     sampled = os.path.join(label_dir, "train.jsonl") if from_label else None
     if sampled and _has_token_ids(sampled):
       stats = formats.ReadStats()
@@ -282,7 +286,7 @@ class DataSources:
   def ranking_records(self, label_dir: str | None):
     """The K-way ranking records as text (label stage or data.files.ranking), each prompt
     as the model sees it: (records, prompt texts, TFDS read stats)."""
-    if self.synthetic or not self.cfg.files.ranking:
+    if self.synthetic or not self.cfg.files.ranking or self.labelled:
       manual, fmt, data_dir = label_dir, "kway", os.path.join(label_dir, "tfds")
     else:
       manual, fmt, data_dir = self.cfg.files.ranking, self.cfg.files.ranking_format, None
@@ -291,12 +295,14 @@ class DataSources:
     return recs, prompts, stats
 
   # --------------------------------------------------------------------- gold
+  # The world's scorer only; stages use ctx.gold (stages/gold.py), which is this or a
+  # reward model (config.label.annotator).
   @property
   def has_gold(self) -> bool:
     return self.synthetic
 
   def gold(self, prompts, responses, ended=None):
-    """Gold scores of responses (synthetic world only; None for real data)."""
+    """The world's gold scores of responses (synthetic only; None for real data)."""
     if not self.synthetic:
       return None
     return world.gold_score(list(prompts), list(responses),

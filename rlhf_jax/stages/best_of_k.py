@@ -188,7 +188,7 @@ def _best_of_n(ctx, gen, reward, sft_params) -> list[dict]:
   s = _pool(ctx, gen, sft_params, prompts, pool, bc.sample_batch,
             jax.random.fold_in(ctx.key("best_of_k"), 0), reward)  # round 0 = the SFT pool
   prompt_texts = [texts[i] for i in np.repeat(prompts["index"], pool)]
-  gold = ctx.sources.gold(prompt_texts, s["texts"], s["ended"])
+  gold = ctx.gold.score(prompt_texts, s["texts"], s["ended"])
   shape = (len(texts), pool)
   select = selection_scores(s["proxy"], s["ended"], _eos_penalty(ctx.config))
   select = lex_rank(select, s["proxy"]).reshape(shape)  # the order select_best uses
@@ -262,8 +262,8 @@ def _select(ctx, r: int, gen, reward, prev_params):
                              s["response_mask"][flat], s["ended"][flat],
                              bos_id=ctx.sources.tokenizer.bos_id,
                              eos_id=ctx.sources.tokenizer.eos_id, pad_id=ctx.sources.tokenizer.pad_id)
-  gold = ctx.sources.gold([texts[i] for i in prompts["index"][rows][kept]],
-                          [s["texts"][i] for i in flat], s["ended"][flat])
+  gold = ctx.gold.score([texts[i] for i in prompts["index"][rows][kept]],
+                        [s["texts"][i] for i in flat], s["ended"][flat])
   ex = {k: np.asarray(v, dtype=_DTYPES[k]) for k, v in ex.items()}
   return ex, {"kept": int(kept.sum()), "kept_no_eos": stats["no_eos"], "samples": len(rows) * bc.k,
               "pool_proxy": float(np.mean(s["proxy"])), "kept_proxy": float(np.mean(s["proxy"][flat])),

@@ -190,7 +190,7 @@ def run(ctx) -> dict:
     """Gold reward of this iteration's samples (host-side: decode + score)."""
     resp = decode_responses(ctx, sh.to_host(aux["_response"]), sh.to_host(aux["_response_mask"]))
     idx = sh.to_host(aux["_index"])
-    gold = ctx.sources.gold([texts[i] for i in idx], resp, sh.to_host(aux["_ended"]))
+    gold = ctx.gold.score([texts[i] for i in idx], resp, sh.to_host(aux["_ended"]))
     return {} if gold is None else {"gold_reward": float(np.mean(gold))}
 
   log = SampleLog.for_stage(ctx, "grpo", int(sh.to_host(state["step"])))

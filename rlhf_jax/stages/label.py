@@ -1,8 +1,11 @@
 """Stage: the simulated annotators rank K samples of the SFT policy per prompt.
 
-InstructGPT's labelers ranked K = 4..9 model outputs per prompt. Here the
-synthetic world's gold scorer plus Plackett-Luce noise (`world.annotate`,
-temperature and flip rate from config.label) plays them. The output is the
+InstructGPT's labelers ranked K = 4..9 model outputs per prompt. Here the gold
+scorer (`ctx.gold`: the synthetic world's, or a reward model named by
+config.label.annotator as in Gao et al. 2022, stages/gold.py) plus Plackett-Luce
+noise (`world.annotate`, temperature and flip rate from config.label) plays them.
+With data.source=files and an RM annotator the prompts are the first
+data.reward_prompts of the demonstrations' (real prompts, e.g. HH-RLHF's). The output is the
 generic K-way ranking JSONL (`DIR/label/data/train.jsonl`: prompt, responses,
 ranking) that real ranking data also uses, plus the token-level truth the reward
 model must be trained on (issue 19 item 7): `prompt_ids` (the prompt the samples
@@ -61,19 +64,22 @@ def sampled_response_ids(response, response_mask, ended, eos_id) -> list[list[in
 
 def run(ctx) -> dict:
   cfg, lc = ctx.config, ctx.config.label
-  if not ctx.sources.has_gold:
+  if not ctx.gold.available:
     raise DataError("label: data.source=files has no gold scorer to play the annotators; "
-                    "give ranked data in data.files.ranking and skip the label stage")
+                    "give ranked data in data.files.ranking and skip the label stage, or set "
+                    "config.label.annotator to a reward model (a workdir or an HF folder)")
   model = st.make_model(ctx.model_cfg, ctx.mesh)
   sft_params, _ = common.load_params(ctx, "sft", model)
   texts, prompts = ctx.sources.prompt_set("reward")
+  if not ctx.sources.synthetic:  # every demonstration prompt: keep the first reward_prompts
+    prompts = {key: v[:cfg.data.reward_prompts] for key, v in prompts.items()}
   k = lc.k
   repeated = {key: np.repeat(v, k, axis=0) for key, v in prompts.items()}
   gen = make_generate(model, sample_config(ctx, cfg.ppo.response_len, lc.sample_temperature),
                       ctx.mesh, st.param_shardings(model))
   s = sample_rows(ctx, gen, sft_params, repeated, lc.batch_size, ctx.key("label"))
   prompt_of = [texts[i] for i in repeated["index"]]
-  gold = world.gold_score(prompt_of, s["texts"], s["ended"]).reshape(-1, k)
+  gold = ctx.gold.score(prompt_of, s["texts"], s["ended"]).reshape(-1, k)
   rng = np.random.default_rng(ctx.sources.seed_for("annotators"))
   ranks = world.annotate(gold, rng, lc.annotator_temperature, lc.flip_rate)
   out_dir = os.path.join(ctx.stage_dir("label"), "data")
@@ -94,7 +100,7 @@ def run(ctx) -> dict:
                             "ended": ended[i].tolist()}) + "\n")
     os.replace(tmp, os.path.join(out_dir, "train.jsonl"))
   return {
-      "prompts": len(ranks), "k": k, "comparisons_per_prompt": k * (k - 1) // 2,
+      "prompts": len(ranks), "k": k, "gold_scorer": ctx.gold.name, "comparisons_per_prompt": k * (k - 1) // 2,
       "label_gold_agreement": pair_agreement(ranks, gold),
       "label_gold_agreement_clear": pair_agreement(ranks, gold, min_gap=0.25),
       "sample_gold_mean": float(gold.mean()), "sample_gold_std": float(gold.std()),

@@ -3,7 +3,8 @@ the held-out evaluation that puts every arm on one gold/proxy-vs-KL frontier.
 
 Every arm is measured the same way (Gao et al. 2022): sample one response per
 held-out prompt from the policy at the evaluation temperature with a fixed
-key; gold = the synthetic world's scorer (the stand-in for human labels);
+key; gold = `ctx.gold` (the synthetic world's scorer or a gold reward model,
+config.label.annotator: the stand-in for human labels);
 proxy = the normalised reward model; KL(policy || SFT) = mean over prompts of
 the summed per-token log-ratio of the sampled response (k1, an unbiased
 estimate); win rate = fraction of prompts where the policy's response beats
@@ -186,7 +187,7 @@ class PolicyEvaluator:
       idx = sh.to_host(b["index"])
       texts = decode_responses(self.ctx, resp, rmask)
       ended = sh.to_host(g["ended"])
-      gold = self.ctx.sources.gold([self.texts[j] for j in idx], texts, ended)
+      gold = self.ctx.gold.score([self.texts[j] for j in idx], texts, ended)
       out["gold"].append(gold if gold is not None else np.full(len(texts), np.nan))
       out["proxy"].append(sh.to_host(proxy))
       out["kl"].append(sh.to_host(kl))
@@ -211,7 +212,7 @@ class PolicyEvaluator:
     out = {"proxy_reward": float(np.mean(s["proxy"])), "kl": float(np.mean(s["kl"])),
            "response_length": float(np.mean(s["length"])),
            "no_eos_frac": float(1.0 - np.mean(s["ended"]))}
-    if self.ctx.sources.has_gold:
+    if self.ctx.gold.available:
       base = self.sft_gold()
       win = np.mean((s["gold"] > base) + 0.5 * (s["gold"] == base))
       out = {"gold_reward": float(np.mean(s["gold"])), **out, "win_rate_vs_sft": float(win)}

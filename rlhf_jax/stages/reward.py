@@ -65,13 +65,13 @@ def _rewards_of(ctx, model, params, arrays: dict, batch_size: int) -> np.ndarray
   return np.concatenate(out)
 
 
-def _gold_accuracy(ctx, rewards, arrays, raw, min_gap: float):
-  """Pairwise agreement of the RM with the gold order on held-out comparisons."""
-  if not ctx.sources.has_gold or raw is None:
+def _gold_accuracy(ctx, rewards, arrays, raw, min_gap: float, gold=None):
+  """Pairwise agreement of the RM with the gold order (`ctx.gold`) on held-out comparisons.
+  gold: the comparisons' gold scores (`_gold_of`), computed once for both gaps."""
+  if gold is None:
     return None
   agree = total = 0
-  for r, valid, (prompt, responses, ended) in zip(rewards, arrays["valid"], raw):
-    g = ctx.sources.gold([prompt] * len(responses), responses, ended)
+  for r, valid, g in zip(rewards, arrays["valid"], gold):
     k = int(valid.sum())
     for i in range(k):
       for j in range(i + 1, k):
@@ -79,6 +79,20 @@ def _gold_accuracy(ctx, rewards, arrays, raw, min_gap: float):
           agree += (r[i] > r[j]) == (g[i] > g[j])
           total += 1
   return float(agree / max(total, 1))
+
+
+def _gold_of(ctx, raw):
+  """Gold scores of the held-out comparisons' responses, one list per comparison (one
+  batched call: a reward-model gold scores them in fixed batches)."""
+  if not ctx.gold.available or raw is None:
+    return None
+  flat = [(p, r, e) for p, rs, es in raw for r, e in zip(rs, es)]
+  scores = ctx.gold.score([f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat])
+  out, i = [], 0
+  for _, rs, _ in raw:
+    out.append(scores[i:i + len(rs)])
+    i += len(rs)
+  return out
 
 
 def normalization(ctx, model, params) -> tuple[float, float, dict]:
@@ -118,8 +132,9 @@ def run(ctx) -> dict:
   params = state["params"]
   rewards = _rewards_of(ctx, model, params, evals, rc.batch_size)
   ev_loss, ev = jax.jit(ranking_loss)(rewards, evals["ranks"], evals["valid"])
-  gold_acc = _gold_accuracy(ctx, rewards, evals, raw_eval, 0.0)
-  gold_acc_clear = _gold_accuracy(ctx, rewards, evals, raw_eval, 0.25)
+  gold = _gold_of(ctx, raw_eval)
+  gold_acc = _gold_accuracy(ctx, rewards, evals, raw_eval, 0.0, gold)
+  gold_acc_clear = _gold_accuracy(ctx, rewards, evals, raw_eval, 0.25, gold)
   gain, bias, norm_stats = normalization(ctx, model, params)
   norm_path = os.path.join(ctx.stage_dir("reward"), "checkpoints", "normalization.json")
   if jax.process_index() == 0:
@@ -130,5 +145,6 @@ def run(ctx) -> dict:
       eval_comparisons=int(len(evals["ranks"])), train_comparisons=int(len(train["ranks"])),
       reward_gain=gain, reward_bias=bias, **norm_stats, **counts)
   if gold_acc is not None:
-    summary.update(gold_accuracy=gold_acc, gold_accuracy_clear=gold_acc_clear)
+    summary.update(gold_accuracy=gold_acc, gold_accuracy_clear=gold_acc_clear,
+                   gold_scorer=ctx.gold.name)
   return summary
