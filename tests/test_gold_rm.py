@@ -18,7 +18,9 @@ import helpers
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("gold_rm")
   gold, main = root / "gold", root / "main"
-  p = helpers.run_cli(gold, "--config.stages=pretrain,sft,label,reward", timeout=600)
+  # Few steps: the gold RM only has to be a reward model, not a good one (test time).
+  p = helpers.run_cli(gold, "--config.stages=pretrain,sft,label,reward", "--config.pretrain.steps=10",
+                      "--config.sft.steps=5", "--config.reward.steps=5", timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   # The main run's SFT policy is the gold run's (a copy: no second pretrain/sft to pay for).
   main.mkdir()
@@ -27,7 +29,8 @@ def runs(tmp_path_factory):
   for name in ("tokenizer.model", "config.json", "config_first.json"):
     shutil.copy(gold / name, main / name)
   p = helpers.run_cli(main, "--config.stages=label,reward,ppo", f"--config.label.annotator={gold}",
-                      "--config.label.annotator_temperature=0", timeout=600)
+                      "--config.label.annotator_temperature=0", "--config.ppo.iterations=2",
+                      timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   return gold, main
 
