@@ -23,7 +23,7 @@ from rlhf_jax import best_of_k as bok_math
 
 STAGES = ("pretrain", "sft", "label", "reward", "ppo", "best_of_k", "evaluate")
 # Policy stages whose summaries hold `eval_points` (iteration, gold, proxy, kl) for the frontier.
-POLICY_STAGES = ("ppo", "dpo", "grpo")
+POLICY_STAGES = ("ppo", "dpo", "grpo", "online")
 FIGSIZE, DPI = (8, 5), 100  # 800 x 500 pixels
 
 
@@ -265,7 +265,8 @@ def save(fig, out_dir: str, name: str) -> str:
   return name
 
 
-COLORS = {"ppo": "C0", "best_of_n": "C1", "best_of_k": "C2", "dpo": "C3", "grpo": "C4"}
+COLORS = {"ppo": "C0", "best_of_n": "C1", "best_of_k": "C2", "dpo": "C3", "grpo": "C4",
+          "online": "C5"}
 
 
 def plot_frontier(methods: dict, out_dir: str, name: str = "frontier.png",
