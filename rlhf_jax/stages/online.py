@@ -137,6 +137,20 @@ def _sub_stage(ctx, name: str, fn) -> dict:
   return out
 
 
+def _round_points(s: dict, r: int, iterations: int, per_it: dict, before: dict) -> list[dict]:
+  """Round r's held-out points (its PPO summary `s`), iterations and compute cumulative over
+  the rounds: `before` = what was spent before its PPO (earlier rounds, its RM refresh)."""
+  at = lambda it: {"round": r, "iteration": (r - 1) * iterations + it,
+                   "flops": before["flops"] + it * per_it["flops"],
+                   "tokens_sampled": before["tokens_sampled"] + it * per_it["tokens_sampled"]}
+  pts = s["eval_points"] if r == 1 else s["eval_points"][1:]  # round r > 1 starts where r-1 ended
+  out = [{**p, **at(p["iteration"])} for p in pts]
+  if not pts or pts[-1]["iteration"] != iterations:  # the round's end is always a point
+    out.append({**{k: s[k] for k in ("gold_reward", "win_rate_vs_sft") if k in s},
+                "proxy_reward": s["proxy_reward"], "kl": s["kl"], **at(iterations)})
+  return out
+
+
 def run(ctx) -> dict:
   cfg, oc = ctx.config, ctx.config.online
   if not ctx.sources.has_gold:
@@ -162,24 +176,16 @@ def run(ctx) -> dict:
     s = _sub_stage(ctx, d["ppo"], lambda: ppo.train_policy(
         ctx, d["ppo"], reward_stage=_reward_stage(r), init_policy=policy,
         iterations=oc.ppo_iterations))
-    # The round's held-out points after its RM refresh: iterations and compute cumulative.
-    before = {k: spent[k] for k in ("flops", "tokens_sampled")}
-    pts = s["eval_points"] if r == 1 else s["eval_points"][1:]  # round r > 1 starts where r-1 ended
-    for p in pts:
-      it = p["iteration"]
-      points.append({**p, "round": r, "iteration": (r - 1) * oc.ppo_iterations + it,
-                     "flops": before["flops"] + it * per_it["flops"],
-                     "tokens_sampled": before["tokens_sampled"] + it * per_it["tokens_sampled"]})
-    if not pts or pts[-1]["iteration"] != oc.ppo_iterations:  # the round's end is always a point
-      points.append({**{k: s[k] for k in ("gold_reward", "win_rate_vs_sft") if k in s},
-                     "proxy_reward": s["proxy_reward"], "kl": s["kl"], "round": r,
-                     "iteration": r * oc.ppo_iterations,
-                     "flops": before["flops"] + oc.ppo_iterations * per_it["flops"],
-                     "tokens_sampled": before["tokens_sampled"]
-                     + oc.ppo_iterations * per_it["tokens_sampled"]})
+    points += _round_points(s, r, oc.ppo_iterations, per_it, spent)
     spent["flops"] += oc.ppo_iterations * per_it["flops"]
     spent["tokens_sampled"] += oc.ppo_iterations * per_it["tokens_sampled"]
+    fresh = r >= 2  # this round's own spending, then the cumulative figures
     row.update({k: s[k] for k in ("gold_reward", "proxy_reward", "kl", "win_rate_vs_sft") if k in s},
+               round_label_flops=refresh["label_flops"] if fresh else 0.0,
+               round_reward_flops=refresh["reward_flops"] if fresh else 0.0,
+               round_flops=(refresh["flops"] if fresh else 0.0) + oc.ppo_iterations * per_it["flops"],
+               round_tokens_sampled=(refresh["tokens_sampled"] if fresh else 0)
+               + oc.ppo_iterations * per_it["tokens_sampled"],
                flops=spent["flops"], tokens_sampled=spent["tokens_sampled"],
                label_flops=spent["label_flops"], reward_flops=spent["reward_flops"])
     rounds.append({k: v for k, v in row.items() if v is not None})
