@@ -88,10 +88,14 @@ def _same(ref, got):
 
 
 def test_killed_inside_round_2_resumes_bit_identical(reference, tmp_path):
+  """The workdir as a run killed after round 1 left it (round 2 not started, no stage summary);
+  that run continues, is killed inside round 2's PPO, and a re-run ends bit-identical."""
   wd = str(tmp_path / "wd")
+  online = os.path.join(reference, "online")
   shutil.copytree(reference, wd, ignore=lambda d, names: [
-      n for n in names if os.path.abspath(d) == os.path.abspath(reference)
-      and (n == "online" or n == "report.md" or n.endswith(".png"))])
+      n for n in names if (os.path.abspath(d) == os.path.abspath(reference)
+                           and (n == "report.md" or n.endswith(".png")))
+      or (os.path.abspath(d) == os.path.abspath(online) and n != "round_1")])
   ppo2 = os.path.join(wd, "online", "round_2", "ppo")
   proc = h.start_cli(wd, *SHARED, "--config.stages=online", log_path=str(tmp_path / "killed"))
   try:
@@ -107,6 +111,7 @@ def test_killed_inside_round_2_resumes_bit_identical(reference, tmp_path):
   p = h.run_cli(wd, *SHARED, "--config.stages=online")
   assert p.returncode == 0, p.stderr[-4000:]
   assert "online/round_1/ppo finished earlier; skipping" in p.stdout
+  assert "online/round_2/label finished earlier; skipping" in p.stdout
   assert "online/round_2/reward finished earlier; skipping" in p.stdout
   assert f"resuming from iteration {step}" in p.stdout, p.stdout[-3000:]
   _same(reference, wd)
