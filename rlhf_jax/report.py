@@ -510,6 +510,12 @@ def _headline(workdir: str, missing: list) -> list[str]:
       md += [f"**{name}**: SFT gold {fmt(s.get('sft_gold_reward'))} → gold {fmt(s.get('gold_reward'))}, "
              f"proxy {fmt(s.get('proxy_reward'))}, KL {fmt(s.get('kl'))}, win rate vs SFT "
              f"{fmt(s.get('win_rate_vs_sft'))}.", ""]
+      rounds = [r for r in s.get("rounds") or [] if isinstance(r, dict)]
+      if rounds:  # online: per round, the RM refresh then PPO (flops cumulative)
+        keys = present_keys(["round", "gold_reward", "proxy_reward", "kl", "rm_accuracy",
+                             "rm_gold_accuracy", "label_gold_agreement", "round_label_flops",
+                             "flops"], rounds)
+        md += table(keys, [[fmt(r.get(k)) for k in keys] for r in rounds])
   s = load_summary(workdir, "evaluate")
   if s is not None:
     pols = [p for p in s.get("policies") or [] if isinstance(p, dict)]
