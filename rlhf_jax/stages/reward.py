@@ -121,6 +121,9 @@ def load_rankings(ctx, data_dirs: list[str], eval_frac: float):
   parts = [ctx.sources.rankings(d, max_k=None, eval_frac=eval_frac) for d in data_dirs]
   if len(parts) == 1:
     return parts[0]
+  ks = {p[0][0]["tokens"].shape[1] for p in parts}
+  if len(ks) > 1:  # label.k changed between rounds: pad all to the largest K (masked)
+    parts = [ctx.sources.rankings(d, max_k=max(ks), eval_frac=eval_frac) for d in data_dirs]
   join = lambda arrays: {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}
   train = join([p[0][0] for p in parts])
   evals = join([p[0][1] for p in parts])
