@@ -138,6 +138,15 @@ def get_config(arg=None):
       train=cl.train(steps=40, batch_size=32, lr=3e-4, warmup_steps=5, log_every=10,
                      ckpt_every=20, schedule="constant"),
   )
+  # Iterated online RLHF (stages/online.py; Bai et al. 2022 sec. 4.5): rounds of label the
+  # current policy's samples -> retrain the RM on all comparisons -> PPO from the current policy.
+  c.online = dict(
+      rounds=3,  # round 1 = PPO on the reward stage's RM; rounds 2.. refresh the RM first
+      ppo_iterations=8,  # PPO iterations per round (config.ppo otherwise)
+      prompts_per_round=512,  # reward prompts labelled per refresh (rotating slice; 0 = all)
+      rm_init="continue",  # continue: from the previous round's RM | sft: a fresh head on SFT
+      reward_steps=20,  # RM training steps per refresh (0 = reward.steps; reward.* otherwise)
+  )
   c.evaluate = dict(batch_size=64, temperature=1.0)
   c.lora = cl.lora()  # rank 0: full fine-tuning; --config.lora.rank=8 trains LoRA adapters
 
@@ -169,6 +178,7 @@ def _shrink(c):
                 eval_every=2, ckpt_every=2)
   c.best_of_k.update(eval_pool=4, rounds=2, k=2, prompts_per_round=16, sample_batch=8)
   c.best_of_k.train.update(steps=4, batch_size=8, log_every=2, ckpt_every=4)
+  c.online.update(rounds=2, ppo_iterations=2, prompts_per_round=16, reward_steps=4)
   c.evaluate.batch_size = 8
 
 
@@ -198,4 +208,5 @@ def _grow(c):
   c.best_of_k.update(eval_pool=64, rounds=4, k=16, prompts_per_round=1024, sample_batch=256)
   c.best_of_k.train.update(steps=200, batch_size=64, ckpt_every=100, log_every=20)
   c.best_of_k.train.opt.lr = 5e-5
+  c.online.update(ppo_iterations=30, prompts_per_round=2048, reward_steps=100)
   c.evaluate.batch_size = 256

@@ -15,6 +15,7 @@ runner can match every arm to one FLOP (or sampled-token) budget.
   grpo_k<K>        GRPO: (s - mean) / std, k3 KL loss, 1/|o| mean Shao et al. 2024
   rloo_k<K>        RLOO: leave-one-out baseline, KL in reward     Ahmadian et al. 2024
   drgrpo_k<K>      Dr. GRPO: s - mean, constant normaliser        Liu et al. 2025
+  ppo_online_r<R>  R rounds of label -> RM -> PPO (iterated online) Bai et al. 2022
 """
 from __future__ import annotations
 
@@ -69,6 +70,22 @@ def grpo_compute(cfg, model_cfg) -> dict:
   return compute_per_iteration(cfg, model_cfg, cfg.data.prompt_len)
 
 
+def online_compute(cfg, model_cfg) -> dict:
+  """Per PPO iteration of every round (rounds x PPO), plus `offline_flops` /
+  `offline_tokens_sampled`: the rounds - 1 reward-model refreshes (labelling the policy's
+  samples, RM training, renormalisation), whatever the iteration count; `label_flops`
+  is their labelling part (`stages.online.refresh_compute`)."""
+  from rlhf_jax.stages import online
+  from rlhf_jax.stages.ppo import compute_per_iteration
+  r = cfg.online.rounds
+  per = compute_per_iteration(cfg, model_cfg, cfg.data.prompt_len)
+  refresh = online.refresh_compute(cfg, model_cfg, online.prompts_per_round(cfg, cfg.data.reward_prompts))
+  return {"flops": r * per["flops"], "tokens_sampled": r * per["tokens_sampled"],
+          "offline_flops": (r - 1) * refresh["flops"],
+          "offline_tokens_sampled": (r - 1) * refresh["tokens_sampled"],
+          "label_flops": (r - 1) * refresh["label_flops"]}
+
+
 @dataclasses.dataclass(frozen=True)
 class ArmKind:
   pattern: str  # full-match regex over the arm name
@@ -108,10 +125,13 @@ REGISTRY = (
             grpo_compute),
     ArmKind(r"drgrpo_k(\d+)", "grpo", _grpo("dr_grpo", "loss", "constant"), "grpo.iterations",
             grpo_compute),
+    # steps_key counts PPO iterations per round; one "step" = one iteration of every round.
+    ArmKind(r"ppo_online_r([1-9]\d*)", "online", lambda m: {"online.rounds": int(m.group(1))},
+            "online.ppo_iterations", online_compute, unit="iterations per round"),
 )
 
 NAMES = ("ppo_kl<beta>, ppo_adaptive, bok_k<K>, dpo_b<beta>, ipo_b<beta>, online_dpo_b<beta>, "
-         "grpo_k<K>, rloo_k<K>, drgrpo_k<K>")
+         "grpo_k<K>, rloo_k<K>, drgrpo_k<K>, ppo_online_r<R>")
 
 
 def lookup(name: str) -> tuple[ArmKind, dict]:

@@ -10,7 +10,9 @@
    Arms come from the registry in experiments/arms.py (name pattern -> stage, config
    overrides, compute estimate): `ppo_kl<beta>`, `ppo_adaptive`, `bok_k<K>` (best-of-K
    fine-tuning; its stage also records the best-of-n curve of the SFT policy),
-   `dpo_b<beta>`, `ipo_b<beta>`, `grpo_k<K>`, `rloo_k<K>`, `drgrpo_k<K>`.
+   `dpo_b<beta>`, `ipo_b<beta>`, `grpo_k<K>`, `rloo_k<K>`, `drgrpo_k<K>`, `ppo_online_r<R>`
+   (iterated online RLHF: R rounds; its RM refreshes, labelling included, count against
+   the budget and the budget sets its PPO iterations per round).
 3. Matched compute: each arm's iterations / rounds / steps are chosen to spend
    about `--budget` FLOPs (or sampled tokens with --match tokens); the default budget
    is what 2 x config.ppo.iterations PPO iterations spend (BUDGET_SCALE): twice the
@@ -116,15 +118,17 @@ def plan_arms(cfg, arms: list[str], model_cfg, *, match: str = "flops", budget: 
     for k, v in overrides.items():
       _set(arm_cfg, k, v)
     per = kind.compute(arm_cfg, model_cfg)
-    # Spent once before the first step (DPO's reference log-probs) counts against the budget.
-    once = per.get("offline_flops", 0.0) if unit == "flops" else 0.0
+    # Spent once before the first step (DPO's reference log-probs, online's RM refreshes)
+    # counts against the budget.
+    once = per.get(f"offline_{unit}", 0.0)
     min_steps = min_rounds if kind.stage == "best_of_k" else kind.min_steps
     steps = max(min_steps, int(round((budget - once) / per[unit])))
     overrides = {**overrides, kind.steps_key: steps}
     plans.append({"arm": name, "stage": kind.stage, "overrides": overrides, "steps": steps,
                   "unit": kind.unit,
                   "est_flops": steps * per["flops"] + per.get("offline_flops", 0.0),
-                  "est_tokens_sampled": steps * per["tokens_sampled"],
+                  "est_tokens_sampled": steps * per["tokens_sampled"]
+                                        + per.get("offline_tokens_sampled", 0),
                   "budget_ratio": (steps * per[unit] + once) / budget})
   return budget, plans
 
@@ -193,6 +197,8 @@ def arm_result(workdir: str, stage: str) -> dict | None:
     if stage == "dpo":  # offline: reference log-probs once, no sampling (the label stage's is shared)
       flops = rp.num(s.get("offline_flops")) + rp.num(s.get("flops_per_step")) * rp.num(s.get("steps"))
       tokens = rp.num(s.get("tokens_sampled_per_step", 0.0)) * rp.num(s.get("steps"))  # online
+    elif stage == "online":  # PPO rounds plus the RM refreshes (labelling included)
+      flops, tokens = rp.num(s.get("total_flops")), rp.num(s.get("total_tokens_sampled"))
     else:
       iters = rp.num(s.get("iterations"))
       flops = rp.num(s.get("flops_per_iteration")) * iters
@@ -212,7 +218,7 @@ def arm_result(workdir: str, stage: str) -> dict | None:
   return {"peak_gold": rp.num(c[peak, 1]) if len(c) else float("nan"),
           "kl_at_peak": rp.num(c[peak, 0]) if len(c) else float("nan"),
           "sft_gold": rp.num(c[0, 1]) if len(c) else float("nan"),
-          "label_flops": rp.num(s.get("label_flops")) if stage == "dpo" else 0.0,
+          "label_flops": rp.num(s.get("label_flops")) if stage in ("dpo", "online") else 0.0,
           "gold": rp.num(s.get("gold_reward")), "proxy": rp.num(s.get("proxy_reward")),
           "kl": rp.num(s.get("kl")), "flops": flops, "tokens_sampled": tokens,
           "d": rp.sqrt_kl(c[:, 0]), "curve_gold": c[:, 1], "curve_proxy": c[:, 2],
@@ -350,7 +356,8 @@ def write_report(workdir: str, args, budget: float, plans: list[dict], seeds: li
                  pm([r["gold"] for r in rs]), pm([r["proxy"] for r in rs]),
                  pm([r["kl"] for r in rs]), pm(per_pflop), pm([r["flops"] for r in rs]),
                  pm([r["tokens_sampled"] for r in rs]),
-                 pm([r["label_flops"] for r in rs]) if p["stage"] == "dpo" else "—", str(len(rs))])
+                 pm([r["label_flops"] for r in rs]) if p["stage"] in ("dpo", "online") else "—",
+                 str(len(rs))])
   bon = bon_method([r for p in plans if p["stage"] == "best_of_k" for r in results[p["arm"]]])
   if bon is not None:
     rows.append([f"best-of-n, n={bon['n'][-1]}", "SFT samples", "—", "—", rp.fmt(bon["gold"][-1]),
@@ -358,11 +365,13 @@ def write_report(workdir: str, args, budget: float, plans: list[dict], seeds: li
                  "—", "—", "—"])
   md += ["## Final figures (held-out prompts; mean ± std over seeds)", ""]
   md += rp.table(["arm", "spent", "peak gold", "KL at peak", "gold", "proxy", "KL from SFT",
-                  "gold gain / PFLOP", "FLOPs", "tokens sampled", "label FLOPs (shared)", "seeds"], rows)
+                  "gold gain / PFLOP", "FLOPs", "tokens sampled", "label FLOPs", "seeds"], rows)
   md += ["Peak gold: the best held-out evaluation on the arm's way (SFT included), with the KL "
          "where it was reached; gold gain / PFLOP: (final gold - SFT gold) per 10^15 FLOPs. "
          "DPO's FLOPs include its reference pass; the label stage's sampling (K SFT samples per "
-         "reward prompt, shared with the reward model every arm uses) is shown apart.", ""]
+         "reward prompt, shared with the reward model every arm uses) is shown apart; an online "
+         "arm's label FLOPs are its own rounds' labelling of policy samples, included in its FLOPs "
+         "with its reward-model retraining.", ""]
   sft_gold = [r["curve_gold"][0] for rs in results.values() for r in rs if r is not None]
   md += [f"SFT policy: gold {pm(sft_gold)}. FLOPs and tokens are the stages' own accounting "
          "(upper bounds: full response length); planned vs budget: "

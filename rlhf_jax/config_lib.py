@@ -10,7 +10,8 @@ import math
 
 import ml_collections as mlc
 
-STAGES = ("pretrain", "sft", "label", "reward", "ppo", "best_of_k", "dpo", "grpo", "evaluate")
+STAGES = ("pretrain", "sft", "label", "reward", "ppo", "best_of_k", "dpo", "grpo", "online",
+          "evaluate")
 
 
 class ConfigError(ValueError):
@@ -278,7 +279,7 @@ def _validate_rl(config, dp: int, n_processes: int, stages=()) -> None:
                n_processes)
   _validate_opt(config, "best_of_k.train.opt")
   _check_batch(config, "evaluate.batch_size", config.evaluate.batch_size, dp, n_processes)
-  for name, check in (("dpo", _validate_dpo), ("grpo", _validate_grpo)):
+  for name, check in (("dpo", _validate_dpo), ("grpo", _validate_grpo), ("online", _validate_online)):
     if name in config:
       check(config, dp, n_processes)
     elif name in stages:
@@ -335,3 +336,19 @@ def _validate_grpo(config, dp: int, n_processes: int) -> None:
   if math.isnan(g.missing_eos_penalty):
     _fail("grpo.missing_eos_penalty", "must be a number")
   _validate_opt(config, "grpo.opt")
+
+
+def _validate_online(config, dp: int, n_processes: int) -> None:
+  o = config.online
+  for key in ("rounds", "ppo_iterations"):
+    _positive(config, f"online.{key}")
+  for key in ("prompts_per_round", "reward_steps"):
+    _positive(config, f"online.{key}", allow_zero=True)
+  _choice(config, "online.rm_init", ("continue", "sft"))
+  if o.prompts_per_round > config.data.reward_prompts and config.data.source == "synthetic":
+    _fail("online.prompts_per_round", f"{o.prompts_per_round} exceeds data.reward_prompts="
+          f"{config.data.reward_prompts} (0 = all of them)")
+  stages = [s.strip() for s in config.stages.split(",")]
+  if "online" in stages and config.data.source != "synthetic":
+    _fail("data.source", f"{config.data.source!r}: the online stage needs annotators for its "
+          "policy's samples, which only the synthetic world's gold scorer plays")

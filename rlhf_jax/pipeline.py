@@ -37,6 +37,7 @@ REQUIRES = {
     "best_of_k": ("sft", "reward"),
     "dpo": ("sft", "label", "reward"),  # label's rankings; the reward model for held-out proxy
     "grpo": ("sft", "reward"),
+    "online": ("sft", "label", "reward"),  # round 0: the label stage's rankings and its RM
     "evaluate": ("sft", "reward"),
 }
 
@@ -122,6 +123,9 @@ STAGE_DATA = {
     "dpo": _PROMPTS + ("reward_prompts", "rl_prompts", "eval_prompts", "files.ranking",
                        "files.ranking_format", "max_len", "overlong"),
     "grpo": _PROMPTS + ("rl_prompts", "eval_prompts"),
+    # Labels, reward models and PPO in rounds: what those three read.
+    "online": _PROMPTS + _CORPUS + ("reward_prompts", "rl_prompts", "eval_prompts", "seq_len",
+                                    "max_len", "overlong"),
 }
 # Read by no stage's output: changing them never invalidates finished work.
 _DATA_FREE = ("skip_bad",)
@@ -360,6 +364,6 @@ def _run_stages(ctx, stages, guard) -> None:
     if guard.requested() and name != stages[-1]:
       raise loop.Preempted(f"{name}: finished and saved, then preempted (SIGTERM); re-run the "
                            f"same command to continue with the next stage")
-  if "evaluate" in stages or set(stages) >= {"ppo", "best_of_k"} or set(stages) & {"dpo", "grpo"}:
+  if "evaluate" in stages or set(stages) >= {"ppo", "best_of_k"} or set(stages) & {"dpo", "grpo", "online"}:
     from rlhf_jax import report
     report.write_report(ctx)

@@ -23,7 +23,7 @@ from rlhf_jax import best_of_k as bok_math
 
 STAGES = ("pretrain", "sft", "label", "reward", "ppo", "best_of_k", "evaluate")
 # Policy stages whose summaries hold `eval_points` (iteration, gold, proxy, kl) for the frontier.
-POLICY_STAGES = ("ppo", "dpo", "grpo")
+POLICY_STAGES = ("ppo", "dpo", "grpo", "online")
 FIGSIZE, DPI = (8, 5), 100  # 800 x 500 pixels
 
 
@@ -265,7 +265,8 @@ def save(fig, out_dir: str, name: str) -> str:
   return name
 
 
-COLORS = {"ppo": "C0", "best_of_n": "C1", "best_of_k": "C2", "dpo": "C3", "grpo": "C4"}
+COLORS = {"ppo": "C0", "best_of_n": "C1", "best_of_k": "C2", "dpo": "C3", "grpo": "C4",
+          "online": "C5"}
 
 
 def plot_frontier(methods: dict, out_dir: str, name: str = "frontier.png",
@@ -524,6 +525,12 @@ def _headline(workdir: str, missing: list) -> list[str]:
       md += [f"**{name}**: SFT gold {fmt(s.get('sft_gold_reward'))} → gold {fmt(s.get('gold_reward'))}, "
              f"proxy {fmt(s.get('proxy_reward'))}, KL {fmt(s.get('kl'))}, win rate vs SFT "
              f"{fmt(s.get('win_rate_vs_sft'))}.", ""]
+      rounds = [r for r in s.get("rounds") or [] if isinstance(r, dict)]
+      if rounds:  # online: per round, the RM refresh then PPO (flops cumulative)
+        keys = present_keys(["round", "gold_reward", "proxy_reward", "kl", "rm_accuracy",
+                             "rm_gold_accuracy", "label_gold_agreement", "round_label_flops",
+                             "flops"], rounds)
+        md += table(keys, [[fmt(r.get(k)) for k in keys] for r in rounds])
   s = load_summary(workdir, "evaluate")
   if s is not None:
     pols = [p for p in s.get("policies") or [] if isinstance(p, dict)]

@@ -83,5 +83,5 @@ def test_report_gives_peak_gold_kl_at_peak_and_gold_per_pflop(tmp_path):
   assert float(row[col["gold"]]) == pytest.approx(0.2)
   assert float(row[col["gold gain / PFLOP"]]) == pytest.approx(0.2 / 0.3, rel=1e-2)
   dpo = next(l for l in md.splitlines() if l.startswith("| dpo_b0.1 |")).split("|")
-  assert dpo[col["label FLOPs (shared)"]].strip() != "—"
+  assert dpo[col["label FLOPs"]].strip() != "—"
   assert "**grpo_k4: yes**" in md

@@ -1,7 +1,7 @@
 """Stage: the final evaluation, every arm on one gold/proxy-vs-KL frontier.
 
-The SFT policy, the final policies of PPO, DPO, GRPO and best-of-K (whichever
-of `ppo` / `dpo` / `grpo` / `best_of_k` finished) are sampled by ONE PolicyEvaluator on the
+The SFT policy, the final policies of PPO, DPO, GRPO, online RLHF and best-of-K
+(whichever of `ppo` / `dpo` / `grpo` / `online` / `best_of_k` finished) are sampled by ONE PolicyEvaluator on the
 held-out prompts: same prompts, key, temperature and response length, so
 the `policies` table compares like with like. The `frontier` gathers the
 points each arm recorded on the way (PPO's periodic evaluations, the
@@ -33,7 +33,7 @@ def _point(label: str, value, gold, proxy, kl, **extra) -> dict:
 
 
 # Policy stages whose summaries hold PPO-shaped `eval_points`; each is one more policy.
-POLICY_STAGES = ("ppo", "dpo", "grpo")
+POLICY_STAGES = ("ppo", "dpo", "grpo", "online")
 
 
 def frontier(ppo: dict | None, bok_summary: dict | None, **policy_stages: dict | None) -> dict:
@@ -83,7 +83,9 @@ def run(ctx) -> dict:
   pol = {n: ctx.summary(n) if ctx.is_done(n) else None for n in POLICY_STAGES}
   ppo = pol["ppo"]
   bok_summary = ctx.summary("best_of_k") if ctx.is_done("best_of_k") else None
-  checkpoints = [("sft", "sft")] + [(n, n) for n in POLICY_STAGES if pol[n] is not None]
+  # A stage's final policy is its checkpoint, or the sub-stage it names (online's last round).
+  checkpoints = [("sft", "sft")] + [(n, pol[n].get("final_checkpoint", n))
+                                    for n in POLICY_STAGES if pol[n] is not None]
   if bok_summary is not None:
     checkpoints.append(("best_of_k", bok_summary.get("final_checkpoint", "sft")))
 

@@ -63,26 +63,41 @@ def sampled_response_ids(response, response_mask, ended, eos_id) -> list[list[in
 
 
 def run(ctx) -> dict:
-  cfg, lc = ctx.config, ctx.config.label
   if not ctx.gold.available:
     raise DataError("label: data.source=files has no gold scorer to play the annotators; "
                     "give ranked data in data.files.ranking and skip the label stage, or set "
                     "config.label.annotator to a reward model (a workdir or an HF folder)")
   model = st.make_model(ctx.model_cfg, ctx.mesh)
   sft_params, _ = common.load_params(ctx, "sft", model)
+  return rank_samples(ctx, model, sft_params, os.path.join(ctx.stage_dir("label"), "data"),
+                      key=ctx.key("label"), annotators="annotators")
+
+
+def rank_samples(ctx, model, params, out_dir: str, *, key, annotators: str,
+                 rows: np.ndarray | None = None) -> dict:
+  """Sample label.k responses per reward prompt from the policy `params`, have the simulated
+  annotators rank them, write `out_dir`/train.jsonl; returns the figures.
+
+  key: the sampling key; annotators: the name of the annotators' noise stream
+  (`sources.seed_for`); rows: which reward prompts (default all). The label stage
+  ranks SFT samples; the online stage ranks each round's policy's with the same
+  annotators (config.label) on its own streams.
+  """
+  cfg, lc = ctx.config, ctx.config.label
   texts, prompts = ctx.sources.prompt_set("reward")
   if not ctx.sources.synthetic:  # every demonstration prompt: keep the first reward_prompts
-    prompts = {key: v[:cfg.data.reward_prompts] for key, v in prompts.items()}
+    prompts = {name: v[:cfg.data.reward_prompts] for name, v in prompts.items()}
+  if rows is not None:
+    prompts = {name: v[rows] for name, v in prompts.items()}
   k = lc.k
-  repeated = {key: np.repeat(v, k, axis=0) for key, v in prompts.items()}
+  repeated = {name: np.repeat(v, k, axis=0) for name, v in prompts.items()}
   gen = make_generate(model, sample_config(ctx, cfg.ppo.response_len, lc.sample_temperature),
                       ctx.mesh, st.param_shardings(model))
-  s = sample_rows(ctx, gen, sft_params, repeated, lc.batch_size, ctx.key("label"))
+  s = sample_rows(ctx, gen, params, repeated, lc.batch_size, key)
   prompt_of = [texts[i] for i in repeated["index"]]
   gold = ctx.gold.score(prompt_of, s["texts"], s["ended"]).reshape(-1, k)
-  rng = np.random.default_rng(ctx.sources.seed_for("annotators"))
+  rng = np.random.default_rng(ctx.sources.seed_for(annotators))
   ranks = world.annotate(gold, rng, lc.annotator_temperature, lc.flip_rate)
-  out_dir = os.path.join(ctx.stage_dir("label"), "data")
   os.makedirs(out_dir, exist_ok=True)
   responses = np.array(s["texts"], dtype=object).reshape(-1, k)
   prompt_ids = sampled_prompt_ids(prompts["prompt"], prompts["prompt_mask"],

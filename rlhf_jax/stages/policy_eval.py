@@ -47,12 +47,13 @@ def seq_logprobs(model, params, tokens, mask, prompt_len: int, temperature: floa
 
 
 class RewardModel:
-  """The reward stage's model and its normalisation (gain, bias), frozen."""
+  """A reward model stage's model and its normalisation (gain, bias), frozen: the reward
+  stage's, or another trained the same way (`stage`, e.g. "online/round_2/reward")."""
 
-  def __init__(self, ctx, model):
+  def __init__(self, ctx, model, stage: str = "reward"):
     self.model = model
-    self.params, meta = common.load_params(ctx, "reward", model)
-    summary = ctx.summary("reward")
+    self.params, meta = common.load_params(ctx, stage, model)
+    summary = ctx.summary(stage)
     self.gain, self.bias = float(summary["reward_gain"]), float(summary["reward_bias"])
     fn = functools.partial(reward_scores, model, gain=self.gain, bias=self.bias)
     self._score = jax.jit(fn)

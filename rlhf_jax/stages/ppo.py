@@ -45,17 +45,31 @@ def compute_per_iteration(cfg, model_cfg, prompt_len: int) -> dict:
 
 
 def run(ctx) -> dict:
+  return train_policy(ctx, "ppo")
+
+
+def train_policy(ctx, name: str, *, reward_stage: str = "reward", init_policy: str | None = None,
+                 iterations: int | None = None) -> dict:
+  """PPO (config.ppo) as the stage `name` (its dir, checkpoints, RNG streams and sample
+  log): `iterations` iterations (default ppo.iterations) against the reward model of
+  `reward_stage`, the policy starting from the stage `init_policy`'s params (default SFT)
+  and the critic from that reward model; the KL penalty and evaluation are to SFT.
+  `run` is the `ppo` stage; the online stage calls this once per round."""
   cfg, pc = ctx.config, ctx.config.ppo
+  if iterations is not None and iterations != pc.iterations:
+    pc = pc.copy_and_resolve_references()
+    pc.iterations = iterations
   model = st.make_model(ctx.model_cfg, ctx.mesh)
-  reward = RewardModel(ctx, model)
+  reward = RewardModel(ctx, model, stage=reward_stage)
   sft_params, _ = common.load_params(ctx, "sft", model)
+  start_params = sft_params if init_policy is None else common.load_params(ctx, init_policy, model)[0]
   texts, prompts = ctx.sources.prompt_set("rl")
   prompt_len = prompts["prompt"].shape[1]
   sc = sample_config(ctx, pc.response_len, pc.temperature)
   # LoRA (config.lora): the policy trains adapters on the SFT weights, which are also the
   # reference; a separate critic trains adapters (and its head) on the reward model's.
-  policy_ft = common.fine_tune(ctx, "ppo", model, ("scalar_head",) if pc.critic == "shared" else ())
-  critic_ft = common.fine_tune(ctx, "ppo", model, ("scalar_head",))
+  policy_ft = common.fine_tune(ctx, name, model, ("scalar_head",) if pc.critic == "shared" else ())
+  critic_ft = common.fine_tune(ctx, name, model, ("scalar_head",))
   policy_opt, critic_opt = optimizers(pc, ctx.config.lora.lr_scale if policy_ft.lora else 1.0)
   views = lora_views(policy_ft, ctx.config.lora.sampling) if policy_ft.lora else Views
   iteration = make_iteration(policy_ft.model, critic_ft.model, policy_opt, critic_opt, pc, sc,
@@ -76,19 +90,19 @@ def run(ctx) -> dict:
 
   init_state, abstract = st.jit_init(fresh_state, policy_ft.abstract_trainable(),
                                      critic_ft.abstract_trainable())
-  ckpt = common.checkpointer(ctx, "ppo")
+  ckpt = common.checkpointer(ctx, name)
   meta = {**common.model_meta(ctx), **common.run_meta(ctx, pc), **policy_ft.meta("sft")}
   if pc.critic != "shared" and pc.vf_coef != 1.0:
-    print(f"[ppo] ppo.vf_coef={pc.vf_coef} has no effect with ppo.critic=separate: the critic "
+    print(f"[{name}] ppo.vf_coef={pc.vf_coef} has no effect with ppo.critic=separate: the critic "
           f"has its own optimizer, step size ppo.critic_lr={pc.critic_lr}", flush=True)
   if ckpt.latest_step() is not None:
     common.check_method(ckpt, meta)
-    state, _ = common.resume(ckpt, abstract, "ppo", meta)
-    print(f"[ppo] resuming from iteration {int(state['step'])}", flush=True)
+    state, _ = common.resume(ckpt, abstract, name, meta)
+    print(f"[{name}] resuming from iteration {int(state['step'])}", flush=True)
   else:
     # The critic starts from the reward model (InstructGPT), in normalised score units.
     if policy_ft.lora:
-      key = ctx.key("ppo")
+      key = ctx.key(name)
       policy = policy_ft.init_trainable(initial_policy(sft_params, pc.critic),
                                         jax.random.fold_in(key, 2**31 - 1))
       critic = policy  # unused with a shared critic
@@ -100,16 +114,16 @@ def run(ctx) -> dict:
       critic_init = reward.normalized_params() if pc.critic != "shared" else sft_params
       # A fresh copy (the state is donated each iteration, the frozen reference is not).
       policy0 = jax.jit(lambda p: initial_policy(p, pc.critic),
-                        out_shardings=st.shardings_of(sft_params))(sft_params)
+                        out_shardings=st.shardings_of(sft_params))(start_params)
       state = init_state(policy0, critic_init)
 
-  prompt_batcher = common.host_batcher(ctx, prompts, pc.rollout_batch, "ppo/prompts")
+  prompt_batcher = common.host_batcher(ctx, prompts, pc.rollout_batch, f"{name}/prompts")
   ptx_batcher = None
   if pc.ptx_coef > 0:
     ptx_rows, _ = ctx.sources.corpus_rows()
     # ptx_batch fresh rows for each of the iteration's epochs x minibatches updates.
     ptx_batcher = common.host_batcher(ctx, ptx_rows, pc.ptx_batch * pc.epochs * pc.minibatches,
-                                      "ppo/ptx")
+                                      f"{name}/ptx")
 
   def get_batch(s):
     b = dict(prompt_batcher.get(s))
@@ -134,15 +148,15 @@ def run(ctx) -> dict:
     return {} if gold is None else {"gold_reward": float(np.mean(gold))}
 
   start = int(sh.to_host(state["step"]))  # evaluations up to here are final (a resume keeps them)
-  log = SampleLog.for_stage(ctx, "ppo", start)
+  log = SampleLog.for_stage(ctx, name, start)
   evaluator = PolicyEvaluator(ctx, model, reward, sft_params, response_len=pc.response_len,
                               temperature=cfg.evaluate.temperature, batch_size=cfg.evaluate.batch_size,
                               log=log)
-  tag = lambda s: {"policy": "ppo", "iteration": int(sh.to_host(s["step"]))}
+  tag = lambda s: {"policy": name, "iteration": int(sh.to_host(s["step"]))}
   compute = compute_per_iteration(cfg, ctx.model_cfg, prompt_len)
   state, rows = train_loop(
-      name="ppo", stage_dir=ctx.stage_dir("ppo"), state=state, step_fn=step_fn, get_batch=get_batch,
-      total_steps=pc.iterations, key=ctx.key("ppo"), mesh=ctx.mesh, ckpt=ckpt,
+      name=name, stage_dir=ctx.stage_dir(name), state=state, step_fn=step_fn, get_batch=get_batch,
+      total_steps=pc.iterations, key=ctx.key(name), mesh=ctx.mesh, ckpt=ckpt,
       meta_fn=lambda s: {**meta, "data_position": s}, log_every=pc.log_every,
       ckpt_every=pc.ckpt_every,
       eval_fn=lambda s: evaluator.evaluate(policy_ft.merged(s["params"], frozen["ref"]), tag(s)),
@@ -159,7 +173,7 @@ def run(ctx) -> dict:
       "flops_per_iteration": compute["flops"], "params": param_count(ctx.model_cfg),
       "trainable_params": lora.count(abstract["params"]),
       "critic_trainable_params": lora.count(abstract.get("critic_params", {})),
-      "eval_points": eval_points(ctx.stage_dir("ppo"), sft_eval, compute),
+      "eval_points": eval_points(ctx.stage_dir(name), sft_eval, compute),
   }
 
 

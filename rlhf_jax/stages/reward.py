@@ -95,16 +95,20 @@ def _gold_of(ctx, raw):
   return out
 
 
-def normalization(ctx, model, params) -> tuple[float, float, dict]:
-  """Gain/bias so SFT samples on RL prompts score mean 0, std 1 (Ziegler et al. 2019)."""
+def normalization(ctx, model, params, policy_params=None, key=None) -> tuple[float, float, dict]:
+  """Gain/bias so samples of the policy `policy_params` (default: SFT) on RL prompts score
+  mean 0, std 1 (Ziegler et al. 2019). key: the sampling key (default the reward stage's);
+  the online stage normalises each round's model on that round's current policy."""
   cfg = ctx.config
-  sft_params, _ = common.load_params(ctx, "sft", model)
+  if policy_params is None:
+    policy_params, _ = common.load_params(ctx, "sft", model)
   _, prompts = ctx.sources.prompt_set("rl")
   n = min(cfg.reward.normalize_samples, len(prompts["prompt"]))
   prompts = {k: v[:n] for k, v in prompts.items()}
   gen = make_generate(model, sample_config(ctx, cfg.ppo.response_len, cfg.ppo.temperature),
                       ctx.mesh, st.param_shardings(model))
-  s = sample_rows(ctx, gen, sft_params, prompts, cfg.label.batch_size, ctx.key("reward_norm"))
+  s = sample_rows(ctx, gen, policy_params, prompts, cfg.label.batch_size,
+                  ctx.key("reward_norm") if key is None else key)
   # Score the exact sampled sequences (prompt + response) as PPO will.
   tokens = np.concatenate([prompts["prompt"], s["response"]], axis=1)
   mask = np.concatenate([prompts["prompt_mask"], s["response_mask"]], axis=1)
@@ -117,26 +121,53 @@ def normalization(ctx, model, params) -> tuple[float, float, dict]:
 
 
 def run(ctx) -> dict:
-  rc = ctx.config.reward
   model = st.make_model(ctx.model_cfg, ctx.mesh)
-  (train, evals), raw_eval, counts = ctx.sources.rankings(
-      os.path.join(ctx.stage_dir("label"), "data"), max_k=None, eval_frac=rc.eval_frac)
-  loss, eval_loss = make_losses(model)
-  summary, state = common.train_supervised(
-      ctx, "reward", rc, model=model, loss_fn=loss, eval_loss=eval_loss,
-      train_arrays=train, eval_arrays=evals,
+  return train_reward_model(
+      ctx, "reward", ctx.config.reward, model, [os.path.join(ctx.stage_dir("label"), "data")],
       init_params=lambda: _fresh_head(model, common.load_params(ctx, "sft", model)[0],
                                       jax.random.fold_in(ctx.key("reward"), 7)),
+      base="sft")
+
+
+def load_rankings(ctx, data_dirs: list[str], eval_frac: float):
+  """The K-way rankings of several label outputs, each split (last eval_frac held out) and
+  then joined: ((train, eval) arrays, raw eval rows, summed counts)."""
+  parts = [ctx.sources.rankings(d, max_k=None, eval_frac=eval_frac) for d in data_dirs]
+  if len(parts) == 1:
+    return parts[0]
+  ks = {p[0][0]["tokens"].shape[1] for p in parts}
+  if len(ks) > 1:  # label.k changed between rounds: pad all to the largest K (masked)
+    parts = [ctx.sources.rankings(d, max_k=max(ks), eval_frac=eval_frac) for d in data_dirs]
+  join = lambda arrays: {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}
+  train = join([p[0][0] for p in parts])
+  evals = join([p[0][1] for p in parts])
+  raw = [row for p in parts for row in p[1]]
+  counts = {k: sum(p[2][k] for p in parts) for k in parts[0][2]}
+  return (train, evals), raw, counts
+
+
+def train_reward_model(ctx, name: str, rc, model, data_dirs: list[str], *, init_params, base: str,
+                       policy_params=None, norm_key=None) -> dict:
+  """Train the reward model `name` (a stage dir) on the rankings in `data_dirs`, measure it
+  on their held-out comparisons, and normalise it on `policy_params`' samples (default SFT).
+  rc: the training settings (config.reward or a copy with other steps); init_params()
+  and base: where training starts (see common.train_supervised). Returns the summary,
+  with reward_gain / reward_bias, which `policy_eval.RewardModel` reads."""
+  (train, evals), raw_eval, counts = load_rankings(ctx, data_dirs, rc.eval_frac)
+  loss, eval_loss = make_losses(model)
+  summary, state = common.train_supervised(
+      ctx, name, rc, model=model, loss_fn=loss, eval_loss=eval_loss,
+      train_arrays=train, eval_arrays=evals, init_params=init_params,
       tokens_per_example=int(np.prod(train["tokens"].shape[1:])),  # K x length per comparison
-      base="sft", heads=("scalar_head",))  # LoRA: the fresh head trains in full
+      base=base, heads=("scalar_head",))  # LoRA: the fresh head trains in full
   params = state["params"]
   rewards = _rewards_of(ctx, model, params, evals, rc.batch_size)
   ev_loss, ev = jax.jit(ranking_loss)(rewards, evals["ranks"], evals["valid"])
   gold = _gold_of(ctx, raw_eval)
   gold_acc = _gold_accuracy(ctx, rewards, evals, raw_eval, 0.0, gold)
   gold_acc_clear = _gold_accuracy(ctx, rewards, evals, raw_eval, 0.25, gold)
-  gain, bias, norm_stats = normalization(ctx, model, params)
-  norm_path = os.path.join(ctx.stage_dir("reward"), "checkpoints", "normalization.json")
+  gain, bias, norm_stats = normalization(ctx, model, params, policy_params, norm_key)
+  norm_path = os.path.join(ctx.stage_dir(name), "checkpoints", "normalization.json")
   if jax.process_index() == 0:
     with open(norm_path, "w") as f:
       json.dump({"gain": gain, "bias": bias}, f)
