@@ -143,7 +143,7 @@ def compute_per_iteration(cfg, model_cfg, prompt_len: int) -> dict:
   fwd = flops_per_token(model_cfg, seq) / 3
   tokens = n * seq
   flops = (tokens * fwd  # rollout
-           + 3 * tokens * fwd  # policy, reference, reward forwards
+           + (3 + cfg.reward.get("ensemble", 1) - 1) * tokens * fwd  # policy, ref, reward(s)
            + gc.epochs * 3 * tokens * fwd)  # updates (forward + backward)
   return {"tokens_sampled": n * gc.response_len, "tokens_trained": gc.epochs * tokens,
           "flops": flops}
@@ -159,10 +159,7 @@ def run(ctx) -> dict:
   sc = sample_config(ctx, gc.response_len, gc.temperature)
   optimizer = make_optimizer(gc.opt, gc.iterations * gc.epochs * gc.minibatches)
   iteration = make_iteration(model, optimizer, gc, sc, prompt_len)
-  scalar = lambda v: jax.make_array_from_callback((), sh.replicated(ctx.mesh),
-                                                  lambda _: np.float32(v))
-  frozen = {"ref": sft_params, "reward": reward.params,
-            "gain": scalar(reward.gain), "bias": scalar(reward.bias)}
+  frozen = {"ref": sft_params, **reward.frozen(ctx.mesh)}  # an ensemble: all members, aggregated
 
   def fresh_state(policy):
     return {"params": policy, "opt_state": optimizer.init(policy),
