@@ -1,7 +1,8 @@
 """Stage: PPO against the reward model (InstructGPT step 3).
 
 Policy and reference from SFT; critic from the reward model (InstructGPT;
-Stiennon et al. 2020), trained by its own AdamW with step size `ppo.critic_lr`
+Stiennon et al. 2020; from a reward ensemble, its member 0 with that member's
+normalisation: one model's backbone, whose values start in normalised units), trained by its own AdamW with step size `ppo.critic_lr`
 (`ppo.vf_coef` has no effect on it). `ppo.critic=shared`: a value head on the
 policy's backbone, zero-initialised so every initial value is 0 (lm-human-
 preferences initialises its value head to zeros), its loss weighted by vf_coef. Each loop step is one PPO
