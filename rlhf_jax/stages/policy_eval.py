@@ -78,6 +78,8 @@ class RewardModel:
   (reward.ensemble > 1; its checkpoint names its members) holds stacked params, per-member
   gain / bias ([N]) and scores with reward.aggregate. RL stages pass `frozen(mesh)` into
   their jitted steps and score it with `frozen_scores` (rollout.sequence_scores does)."""
+  members = None  # an ensemble's member ids; None: one reward model
+  aggregation = Aggregation()
 
   def __init__(self, ctx, model, stage: str = "reward"):
     self.model = model
