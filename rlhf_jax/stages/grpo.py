@@ -41,7 +41,8 @@ def make_iteration(model, optimizer, gc, sc, prompt_len: int, score_fn=None):
   """One GRPO-family iteration `(state, frozen, batch, rng) -> (state, metrics)`, pure.
 
   gc: config.grpo; sc: SampleConfig; batch: prompt [B, P], prompt_mask, index;
-  frozen: ref params, and reward params / gain / bias unless score_fn is given
+  frozen: ref params, and `RewardModel.frozen`'s (reward params / gain / bias; an ensemble's
+  aggregation) unless score_fn is given
   (score_fn(tokens, mask, response, response_mask, ended) -> [B * K]).
   """
   if sc.top_k or sc.top_p < 1.0 or sc.min_new_tokens or sc.greedy:
