@@ -66,6 +66,13 @@ def get_config(arg=None):
                       log_every=10, ckpt_every=40)  # ~2 epochs: RMs overfit fast (InstructGPT: 1)
   c.reward.eval_frac = 0.1  # held-out fraction of labelled prompts
   c.reward.normalize_samples = 512  # SFT samples on RL prompts for the gain/bias (Ziegler et al. 2019)
+  # Reward-model ensembles (Coste et al. 2024; Eisenstein et al. 2023): N members trained in one
+  # vmapped program, each with its own head init; every proxy score is their aggregate.
+  c.reward.ensemble = 1  # members; 1 = one reward model (InstructGPT)
+  c.reward.aggregate = "mean"  # mean | wco: min over members | uwo: mean - uwo_coef * var (Coste et al. 2024)
+  c.reward.uwo_coef = 1.0  # UWO's variance weight, lambda in Coste et al. 2024 eq. 4
+  c.reward.ensemble_data = "shuffle"  # shuffle: all comparisons, own order (Coste et al. 2024) | bootstrap: own resample
+  c.reward.member = -1  # -1: train every member; m: only member m, alone (its init and data as in the ensemble)
 
   c.ppo = dict(
       iterations=24, rollout_batch=64, minibatches=4, epochs=2, response_len=32,

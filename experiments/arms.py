@@ -16,6 +16,12 @@ runner can match every arm to one FLOP (or sampled-token) budget.
   rloo_k<K>        RLOO: leave-one-out baseline, KL in reward     Ahmadian et al. 2024
   drgrpo_k<K>      Dr. GRPO: s - mean, constant normaliser        Liu et al. 2025
   ppo_online_r<R>  R rounds of label -> RM -> PPO (iterated online) Bai et al. 2022
+  ppo_ens<N>_<agg> PPO on an N-member reward ensemble, aggregated Coste et al. 2024
+                   by agg = mean | wco (worst case) | uwo (mean - lambda var)
+  bok_ens<N>_<agg> best-of-K (config.best_of_k.k) on the same     Coste et al. 2024
+
+An ensemble arm's reward model is trained once per N and shared by every arm that
+uses it (ppo_vs_bok: DIR/shared_ens<N>/reward); `ensemble_of(overrides)` says which.
 """
 from __future__ import annotations
 
@@ -46,7 +52,7 @@ def bok_compute(cfg, model_cfg) -> dict:
   samples = b.prompts_per_round * b.k
   trained = b.train.steps * b.train.batch_size * seq
   return {"tokens_sampled": samples * resp, "tokens_trained": trained,
-          "flops": 2 * samples * seq * flops_per_token(model_cfg, seq) / 3
+          "flops": (1 + cfg.reward.get("ensemble", 1)) * samples * seq * flops_per_token(model_cfg, seq) / 3
                    + trained * flops_per_token(model_cfg, seq)}
 
 
@@ -102,6 +108,15 @@ def _grpo(advantage, kl_mode, agg):
                     "grpo.kl_mode": kl_mode, "grpo.loss_agg": agg}
 
 
+def _ens(m):
+  return {"reward.ensemble": int(m.group(1)), "reward.aggregate": m.group(2)}
+
+
+def ensemble_of(overrides: dict) -> int:
+  """The reward ensemble's size an arm scores with (1: the shared single reward model)."""
+  return int(overrides.get("reward.ensemble", 1))
+
+
 REGISTRY = (
     ArmKind("ppo_adaptive", "ppo", lambda m: {"ppo.kl_mode": "adaptive"}, "ppo.iterations",
             ppo_compute),
@@ -128,10 +143,14 @@ REGISTRY = (
     # steps_key counts PPO iterations per round; one "step" = one iteration of every round.
     ArmKind(r"ppo_online_r([1-9]\d*)", "online", lambda m: {"online.rounds": int(m.group(1))},
             "online.ppo_iterations", online_compute, unit="iterations per round"),
+    ArmKind(r"ppo_ens([1-9]\d*)_(mean|wco|uwo)", "ppo", _ens, "ppo.iterations", ppo_compute),
+    ArmKind(r"bok_ens([1-9]\d*)_(mean|wco|uwo)", "best_of_k", _ens, "best_of_k.rounds",
+            bok_compute, min_steps=2, unit="rounds"),
 )
 
 NAMES = ("ppo_kl<beta>, ppo_adaptive, bok_k<K>, dpo_b<beta>, ipo_b<beta>, online_dpo_b<beta>, "
-         "grpo_k<K>, rloo_k<K>, drgrpo_k<K>, ppo_online_r<R>")
+         "grpo_k<K>, rloo_k<K>, drgrpo_k<K>, ppo_online_r<R>, ppo_ens<N>_<mean|wco|uwo>, "
+         "bok_ens<N>_<mean|wco|uwo>")
 
 
 def lookup(name: str) -> tuple[ArmKind, dict]:

@@ -23,7 +23,12 @@
    arm's randomness (the stage's RNG key and batch order); the data (prompts,
    corpus, demonstrations, annotator noise) come from config.data.seed, and the
    shared stages stay at seed 0, so seeds differ only in the arm itself.
-5. DIR/report.md: per arm peak gold and the KL where it peaked, final gold / proxy /
+5. Reward-ensemble arms (`ppo_ens<N>_<agg>`, `bok_ens<N>_<agg>`, Coste et al. 2024) score
+   with an N-member reward ensemble trained ONCE per N in DIR/shared_ens<N>/reward
+   (its pretrain/sft/label are symlinks to DIR/shared) and shared by every arm of that N;
+   N = 1 is DIR/shared's reward model. Reward-model training FLOPs are shown apart, like
+   the label stage's: no arm's budget pays for them (every arm's scoring does count).
+6. DIR/report.md: per arm peak gold and the KL where it peaked, final gold / proxy /
    KL, gold gain per PFLOP, FLOPs and sampled tokens (mean ± std over seeds), frontier
    plots of every method with Gao et al. (2022) fits, and which arms over-optimised
    (gold peaked while the proxy kept rising).
@@ -160,16 +165,38 @@ def apply_override(cfg, item: str) -> None:
   _set(cfg, key, type(old)(value) if isinstance(old, (int, float, str, bool)) else value)
 
 
-def link_shared(shared: str, arm_dir: str, cfg) -> None:
-  """The arm's workdir reuses the shared stages through relative symlinks.
+def ensemble_dir(workdir: str, n: int) -> str:
+  """Where the N-member reward ensemble all arms with reward.ensemble = N share lives."""
+  return os.path.join(workdir, "shared") if n == 1 else os.path.join(workdir, f"shared_ens{n}")
+
+
+def train_ensembles(workdir: str, base, plans: list[dict]) -> None:
+  """Train each reward ensemble the plans use once: DIR/shared_ens<N>, whose pretrain, sft
+  and label stages are DIR/shared's (symlinks); only the reward stage runs there."""
+  from rlhf_jax import pipeline
+  shared = os.path.join(workdir, "shared")
+  for n in sorted({registry.ensemble_of(p["overrides"]) for p in plans} - {1}):
+    cfg = base.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.stages, cfg.seed, cfg.reward.ensemble = "reward", 0, n
+    d = ensemble_dir(workdir, n)
+    link_shared(shared, d, cfg, stages=("pretrain", "sft", "label"))
+    print(f"[ppo_vs_bok] reward ensemble of {n}: {d}", flush=True)
+    pipeline.run(cfg, d)
+
+
+def link_shared(shared: str, arm_dir: str, cfg, stages=SHARED_STAGES, reward_from: str | None = None) -> None:
+  """The arm's workdir reuses the shared stages through relative symlinks (the reward
+  stage from `reward_from`, a DIR/shared_ens<N>, when given).
 
   Its config.json is the arm's own config (so its report shows the arm's
   settings); the pipeline checks later runs against its model/data sections,
   which must equal the shared stages' (checked here, once).
   """
   os.makedirs(arm_dir, exist_ok=True)
-  for name in SHARED_STAGES + ("tokenizer.model", "tfds"):
-    src, dst = os.path.join(shared, name), os.path.join(arm_dir, name)
+  for name in tuple(stages) + ("tokenizer.model", "tfds"):
+    src, dst = os.path.join(reward_from if name == "reward" and reward_from else shared, name), \
+        os.path.join(arm_dir, name)
     if os.path.exists(src) and not os.path.lexists(dst):
       os.symlink(os.path.relpath(src, arm_dir), dst)
   path = os.path.join(arm_dir, "config.json")
@@ -332,6 +359,28 @@ EXPLANATION = (
     "its selection uses the same proxy, so with enough rounds it over-optimises as well.")
 
 
+def reward_lines(workdir: str, plans: list[dict]) -> list[str]:
+  """The shared reward models (single and ensembles): trained once, their FLOPs apart."""
+  out = []
+  for n in sorted({registry.ensemble_of(p["overrides"]) for p in plans} | {1}):
+    s = rp.load_summary(ensemble_dir(workdir, n), "reward")
+    if s is None:
+      continue
+    users = [p["arm"] for p in plans if registry.ensemble_of(p["overrides"]) == n]
+    gold = f", gold accuracy {rp.fmt(s.get('gold_accuracy'))}" if "gold_accuracy" in s else ""
+    members = (f"; members' accuracy {', '.join(rp.fmt(a) for a in s['member_accuracy'])}"
+               if "member_accuracy" in s else "")
+    out.append(f"- reward model, {n} member(s) (`{os.path.basename(ensemble_dir(workdir, n))}/reward`, "
+               f"aggregate as each arm sets): training {rp.fmt(s.get('train_flops'))} FLOPs, "
+               f"held-out accuracy {rp.fmt(s.get('accuracy'))}{gold}{members}; used by "
+               f"{', '.join(users) or 'the non-ensemble arms'}")
+  if out:
+    out = ["**Reward models** (trained once and shared; their training FLOPs are not in any "
+           "arm's budget, like the label stage's sampling; an ensemble's accuracy aggregates its "
+           "members with the base config's reward.aggregate):", ""] + out + [""]
+  return out
+
+
 def write_report(workdir: str, args, budget: float, plans: list[dict], seeds: list[int],
                  failures: list[str]) -> str:
   results = {p["arm"]: [arm_result(os.path.join(workdir, "arms", p["arm"], f"seed{s}"), p["stage"])
@@ -378,6 +427,7 @@ def write_report(workdir: str, args, budget: float, plans: list[dict], seeds: li
          + ", ".join(f"{p['arm']} x{p['budget_ratio']:.2f}" for p in plans) + ".", ""]
   if failures:
     md += ["**Failed runs** (see the console for the error; re-run to retry): " + ", ".join(failures), ""]
+  md += reward_lines(workdir, plans)
 
   methods = {}
   for i, p in enumerate(plans):
@@ -495,6 +545,8 @@ def main(argv=None) -> int:
   model_cfg = ModelConfig.from_config(base.model, vocab_size=vocab)
   budget, plans = plan_arms(base, args.arms, model_cfg, match=args.match, budget=args.budget,
                             min_rounds=args.min_rounds)
+  if not args.report_only:
+    train_ensembles(workdir, base, plans)
   seeds = list(range(args.seeds))
   for p in plans:
     print(f"[ppo_vs_bok] {p['arm']}: {p['steps']} {p['stage']} steps, est. {p['est_flops']:.3g} FLOPs, "
@@ -505,7 +557,8 @@ def main(argv=None) -> int:
       for seed in seeds:
         arm_dir = os.path.join(workdir, "arms", p["arm"], f"seed{seed}")
         cfg = arm_config(base, p, seed)
-        link_shared(shared, arm_dir, cfg)
+        n = registry.ensemble_of(p["overrides"])
+        link_shared(shared, arm_dir, cfg, reward_from=ensemble_dir(workdir, n) if n > 1 else None)
         print(f"[ppo_vs_bok] arm {p['arm']} seed {seed}: {arm_dir}", flush=True)
         try:
           pipeline.run(cfg, arm_dir)

@@ -155,6 +155,31 @@ def validate(config, n_devices: int, n_processes: int = 1) -> None:
   _validate_rl(config, dp, n_processes, stages)
   if "lora" in config:
     _validate_lora(config)
+  _validate_ensemble(config)
+
+
+def _validate_ensemble(config) -> None:
+  """reward.ensemble / aggregate / uwo_coef / ensemble_data / member (stages/ensemble.py)."""
+  rc = config.reward
+  if "ensemble" not in rc:
+    return
+  if not isinstance(rc.ensemble, int) or rc.ensemble < 1:
+    _fail("reward.ensemble", f"must be an integer >= 1 (members), got {rc.ensemble!r}")
+  _choice(config, "reward.aggregate", ("mean", "wco", "uwo"))
+  _choice(config, "reward.ensemble_data", ("shuffle", "bootstrap"))
+  if not rc.uwo_coef >= 0:
+    _fail("reward.uwo_coef", f"must be >= 0, got {rc.uwo_coef}")
+  if rc.member != -1 and not (rc.ensemble > 1 and 0 <= rc.member < rc.ensemble):
+    _fail("reward.member", f"-1 (every member) or a member 0..reward.ensemble-1 of an ensemble "
+          f"(reward.ensemble > 1), got {rc.member} with reward.ensemble={rc.ensemble}")
+  lc = config.get("lora")
+  if (rc.ensemble > 1 and lc is not None and lc.rank > 0
+      and {"reward", "ppo"} & {s.strip() for s in lc.stages.split(",")}):
+    _fail("reward.ensemble", "ensembles train and score full weights: remove reward and ppo "
+          "from lora.stages (LoRA reward ensembles are not supported)")
+  if rc.ensemble > 1 and "online" in {s.strip() for s in config.stages.split(",")}:
+    _fail("reward.ensemble", "the online stage retrains one reward model per round; an ensemble "
+          "would score only its first round (run ensembles with ppo / best_of_k)")
 
 
 def _validate_model_family(config) -> None:

@@ -93,6 +93,10 @@ def export(workdir: str, stage: str, out: str, kind: str | None = None,
   stage_dir = _stage_dir(workdir, stage)
   from rlhf_jax.train.checkpoint import latest_meta
   step, meta = latest_meta(stage_dir)
+  if meta.get("ensemble"):
+    raise hf.HFError(f"{stage_dir}: a reward ensemble ({len(meta['ensemble']['members'])} members "
+                     "stacked, config.reward.ensemble) has no one-model Hugging Face form; "
+                     "export a single reward model (reward.ensemble=1)")
   cfg = model_config_of(meta, f"{stage_dir}/checkpoints/{step}")
   model = st.make_model(cfg)
   params, _ = restore_item(stage_dir, item, st.abstract_params(model))

@@ -483,9 +483,15 @@ def _headline(workdir: str, missing: list) -> list[str]:
   if s is not None:
     gold = (f"gold accuracy {fmt(s.get('gold_accuracy'))} (agrees with the gold scorer; "
             f"clear pairs {fmt(s.get('gold_accuracy_clear'))}); " if "gold_accuracy" in s else "")
-    md += [f"**reward**: held-out ranking accuracy {fmt(s.get('accuracy'))} (agrees with the labels), "
+    ens = ""
+    if "member_accuracy" in s:  # an ensemble: gains / biases are per member
+      ens = (f"an ensemble of {len(s['member_accuracy'])} ({s.get('aggregate')}; members' accuracy "
+             f"{', '.join(fmt(a) for a in s['member_accuracy'])}): ")
+    norm = (lambda k: fmt(s.get(k)) if not isinstance(s.get(k), list)
+            else "[" + ", ".join(fmt(v) for v in s[k]) + "]")
+    md += [f"**reward**: {ens}held-out ranking accuracy {fmt(s.get('accuracy'))} (agrees with the labels), "
            f"{gold}eval loss {_before_after(s, 'loss')}; "
-           f"normalisation gain {fmt(s.get('reward_gain'))}, bias {fmt(s.get('reward_bias'))} "
+           f"normalisation gain {norm('reward_gain')}, bias {norm('reward_bias')} "
            "(SFT samples score mean 0, std 1).", ""]
   s = load_summary(workdir, "ppo")
   if s is not None:

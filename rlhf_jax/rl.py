@@ -265,3 +265,28 @@ def value_loss(values, old_values, returns, mask, clip_eps):
   l2 = jnp.square(v_clip - ret)
   loss = 0.5 * masked_mean(jnp.maximum(l1, l2), mask)
   return loss, {'vf_clipfrac': masked_mean((l2 > l1).astype(jnp.float32), mask)}
+
+
+# ------------------------------------------------------- reward-model ensembles
+
+AGGREGATES = ("mean", "wco", "uwo")
+
+
+def aggregate_rewards(member_scores, how: str, uwo_coef: float = 1.0):
+  """Combine an ensemble's scores [N, B] into one reward per sample [B].
+
+  mean: the ensemble mean (Coste et al. 2024 "Reward Model Ensembles Help Mitigate
+        Overoptimization", sec. 3; Eisenstein et al. 2023 "Helping or Herding?").
+  wco:  worst-case optimisation, the minimum over members (Coste et al. 2024, eq. 3).
+  uwo:  uncertainty-weighted optimisation, mean - uwo_coef * the variance over members
+        (population variance, ddof=0; Coste et al. 2024, eq. 4, their lambda = uwo_coef).
+  A single member ([1, B]) gives its own scores back for every `how` (variance 0).
+  """
+  s = _f32(member_scores)
+  if how == "mean":
+    return jnp.mean(s, axis=0)
+  if how == "wco":
+    return jnp.min(s, axis=0)
+  if how == "uwo":
+    return jnp.mean(s, axis=0) - uwo_coef * jnp.var(s, axis=0)
+  raise ValueError(f"unknown ensemble aggregation {how!r}; use one of {AGGREGATES}")

@@ -204,7 +204,7 @@ def _round_compute(ctx, n_samples: int, train_width: int) -> dict:
   fwd = flops_per_token(ctx.model_cfg, seq) / 3
   trained = cfg.best_of_k.train.steps * cfg.best_of_k.train.batch_size * train_width
   return {"tokens_sampled": n_samples * cfg.ppo.response_len, "tokens_trained": trained,
-          "flops": 2 * n_samples * seq * fwd  # sample + RM score
+          "flops": (1 + cfg.reward.get("ensemble", 1)) * n_samples * seq * fwd  # sample + RM score(s)
                    + trained * flops_per_token(ctx.model_cfg, train_width)}
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from rlhf_jax.data.batching import Batcher
 from rlhf_jax.data.sources import stream_seed
+from rlhf_jax.train import ensemble as ens
 from rlhf_jax.train import lora
 from rlhf_jax.train import sharding as sh
 from rlhf_jax.train import state as st
@@ -93,11 +94,16 @@ def load_params(ctx, stage: str, model, item: str = "params"):
 
   A LoRA stage's checkpoint holds its trainable part and names its base (`meta.lora`):
   the base is loaded (recursively: it may be LoRA too), stored as the stage stored it
-  (quantised for QLoRA) and the adapters merged in, so every caller gets full weights."""
-  lm = latest_meta(ctx.stage_dir(stage))[1].get("lora") if item == "params" else None
+  (quantised for QLoRA) and the adapters merged in, so every caller gets full weights.
+  An ensemble's checkpoint (`meta.ensemble`: the reward stage with reward.ensemble > 1)
+  holds its members' params stacked on a leading axis; they are returned stacked."""
+  saved = latest_meta(ctx.stage_dir(stage))[1] if item == "params" else {}
+  lm = saved.get("lora")
   if lm is None:
-    return restore_item(ctx.stage_dir(stage), item, st.abstract_params(model),
-                        expect_meta=model_meta(ctx))
+    abstract = st.abstract_params(model)
+    if saved.get("ensemble"):
+      abstract = ens.stack_abstract(abstract, len(saved["ensemble"]["members"]))
+    return restore_item(ctx.stage_dir(stage), item, abstract, expect_meta=model_meta(ctx))
   ft = lora.FineTune(model, lora.spec_from_meta(lm))
   base = hf_params(ctx, model) if lm["base"] == "hf" else load_params(ctx, lm["base"], model)[0]
   trainable, meta = restore_item(ctx.stage_dir(stage), item, ft.abstract_trainable(),
@@ -203,7 +209,8 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
                      train_arrays: dict, eval_arrays: dict, init_params: Callable | None,
                      extra_meta: dict | None = None, tokens_per_example: int = 0,
                      stream: str | None = None, extra_eval: Callable | None = None,
-                     base: str | None = None, heads: tuple = ()) -> tuple[dict, dict]:
+                     base: str | None = None, heads: tuple = (),
+                     members: ens.Members | None = None) -> tuple[dict, dict]:
   """Train `model` on `train_arrays` with `loss_fn`; returns (summary figures, final state).
 
   init_params(): params to start from (another stage's checkpoint), or None
@@ -215,6 +222,10 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
   base: the stage init_params() loads (named in a LoRA checkpoint, whose adapters sit on
   it); heads: params a LoRA stage trains in full. The returned state's `params` are full
   weights (adapters merged) whichever way the stage trained.
+  members: train an ensemble in one program (`train.ensemble`): init_params() then returns
+  the members' params stacked on a leading axis, each member gets its own batch stream
+  ("<stream>/member<id>", its own rows if `members.rows`) and step keys, evaluations are
+  means over members, and the checkpoint's meta names the members (`load_params`).
   """
   stage_dir = ctx.stage_dir(name)
   ft = fine_tune(ctx, name, model, heads)
@@ -223,10 +234,17 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
   ckpt = checkpointer(ctx, name)
   if ft.lora and init_params is None:
     raise ValueError(f"{name}: LoRA needs a base to adapt; remove the stage from lora.stages")
+  if ft.lora and members is not None:
+    raise ValueError(f"{name}: an ensemble trains full weights; remove the stage from lora.stages")
   ev_loss = ft.loss(lambda p, b, r: eval_loss(p, b))
-  base_eval = make_evaluator(ctx, lambda tf, b: ev_loss(tf[0], b, None, tf[1]),
+  one_eval = lambda tf, b: ev_loss(tf[0], b, None, tf[1])
+  if members is not None:  # the mean over members (no LoRA: nothing frozen)
+    one_eval = lambda tf, b: ens.mean_over_members(lambda p, bb: ev_loss(p, bb, None, {}))(tf[0], b)
+  base_eval = make_evaluator(ctx, one_eval,
                              eval_batches(eval_arrays, tcfg.batch_size, tcfg.eval_batches, ctx.mesh))
   meta = {**model_meta(ctx), **run_meta(ctx, tcfg), **ft.meta(base), **(extra_meta or {})}
+  if members is not None:
+    meta["ensemble"] = {"members": [int(m) for m in members.ids]}
 
   def evaluator(trainable, frozen, step: int) -> dict:
     figures = base_eval((trainable, frozen))
@@ -238,7 +256,11 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
     return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
             "skipped": jnp.zeros((), jnp.int32)}
 
-  init_state, abstract = st.jit_init(fresh_state, ft.abstract_trainable())
+  if members is None:
+    init_state, abstract = st.jit_init(fresh_state, ft.abstract_trainable())
+  else:
+    init_state, abstract = st.jit_init(lambda p: ens.fresh_state(optimizer, p),
+                                       ens.stack_abstract(ft.abstract_trainable(), len(members)))
   frozen = {}
   if ckpt.latest_step() is not None:
     check_method(ckpt, meta)
@@ -252,12 +274,21 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
     trainable, frozen = ft.split(params, jax.random.fold_in(key, 2**31 - 2))
     state = init_state(trainable)
     init_eval = evaluator(state["params"], frozen, 0)
-  batcher = host_batcher(ctx, train_arrays, tcfg.batch_size, stream or name)
   t_loss = ft.loss(loss_fn)
+  if members is None:
+    batcher = host_batcher(ctx, train_arrays, tcfg.batch_size, stream or name)
+    make_step = make_train_step
+  else:
+    rows = members.rows or (None,) * len(members)
+    batcher = ens.MemberBatcher([
+        host_batcher(ctx, train_arrays if r is None else {k: v[r] for k, v in train_arrays.items()},
+                     tcfg.batch_size, f"{stream or name}/member{m}")
+        for m, r in zip(members.ids, rows)])
+    make_step = lambda loss, opt, **kw: ens.make_step(loss, opt, members.ids, **kw)
 
   def step(state, batch, rng, frozen):
-    inner = make_train_step(lambda t, b, r: t_loss(t, b, r, frozen), optimizer,
-                            grad_accum=tcfg.grad_accum, nonfinite=tcfg.nonfinite)
+    inner = make_step(lambda t, b, r: t_loss(t, b, r, frozen), optimizer,
+                      grad_accum=tcfg.grad_accum, nonfinite=tcfg.nonfinite)
     return inner(state, batch, rng)
 
   compiled = compile_step(step, ctx.mesh, st.shardings_of(abstract), batcher.get(0),
@@ -270,7 +301,8 @@ def train_supervised(ctx, name: str, tcfg, *, model, loss_fn: Callable, eval_los
       log_every=tcfg.log_every, ckpt_every=tcfg.ckpt_every,
       eval_fn=lambda s: evaluator(s["params"], frozen, int(sh.to_host(s["step"]))),
       eval_every=tcfg.eval_every,
-      tokens_per_step=tokens_per_example * tcfg.batch_size, nonfinite=tcfg.nonfinite)
+      tokens_per_step=tokens_per_example * tcfg.batch_size * (len(members) if members else 1),
+      nonfinite=tcfg.nonfinite)
   ckpt.close()
   final_eval = evaluator(state["params"], frozen, tcfg.steps)
   summary = {f"init_eval_{k}": v for k, v in init_eval.items()}

@@ -41,7 +41,8 @@ def make_iteration(model, optimizer, gc, sc, prompt_len: int, score_fn=None):
   """One GRPO-family iteration `(state, frozen, batch, rng) -> (state, metrics)`, pure.
 
   gc: config.grpo; sc: SampleConfig; batch: prompt [B, P], prompt_mask, index;
-  frozen: ref params, and reward params / gain / bias unless score_fn is given
+  frozen: ref params, and `RewardModel.frozen`'s (reward params / gain / bias; an ensemble's
+  aggregation) unless score_fn is given
   (score_fn(tokens, mask, response, response_mask, ended) -> [B * K]).
   """
   if sc.top_k or sc.top_p < 1.0 or sc.min_new_tokens or sc.greedy:
@@ -143,7 +144,7 @@ def compute_per_iteration(cfg, model_cfg, prompt_len: int) -> dict:
   fwd = flops_per_token(model_cfg, seq) / 3
   tokens = n * seq
   flops = (tokens * fwd  # rollout
-           + 3 * tokens * fwd  # policy, reference, reward forwards
+           + (3 + cfg.reward.get("ensemble", 1) - 1) * tokens * fwd  # policy, ref, reward(s)
            + gc.epochs * 3 * tokens * fwd)  # updates (forward + backward)
   return {"tokens_sampled": n * gc.response_len, "tokens_trained": gc.epochs * tokens,
           "flops": flops}
@@ -159,10 +160,7 @@ def run(ctx) -> dict:
   sc = sample_config(ctx, gc.response_len, gc.temperature)
   optimizer = make_optimizer(gc.opt, gc.iterations * gc.epochs * gc.minibatches)
   iteration = make_iteration(model, optimizer, gc, sc, prompt_len)
-  scalar = lambda v: jax.make_array_from_callback((), sh.replicated(ctx.mesh),
-                                                  lambda _: np.float32(v))
-  frozen = {"ref": sft_params, "reward": reward.params,
-            "gain": scalar(reward.gain), "bias": scalar(reward.bias)}
+  frozen = {"ref": sft_params, **reward.frozen(ctx.mesh)}  # an ensemble: all members, aggregated
 
   def fresh_state(policy):
     return {"params": policy, "opt_state": optimizer.init(policy),

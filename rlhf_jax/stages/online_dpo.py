@@ -67,8 +67,9 @@ def compute_per_step(cfg, model_cfg, prompt_len: int) -> dict:
   n, seq = 2 * dc.batch_size, prompt_len + dc.response_len
   fwd = flops_per_token(model_cfg, seq) / 3
   tokens = n * seq
-  # rollout, reward, reference, policy (KL metric) forwards; one update (forward + backward)
-  return {"flops": (4 + 3) * tokens * fwd, "tokens_sampled": n * dc.response_len,
+  # rollout, reward(s: an ensemble's every member), reference, policy (KL metric) forwards;
+  # one update (forward + backward)
+  return {"flops": (4 + cfg.reward.get("ensemble", 1) - 1 + 3) * tokens * fwd, "tokens_sampled": n * dc.response_len,
           "tokens_trained": tokens}
 
 
@@ -82,10 +83,7 @@ def run(ctx) -> dict:
   sc = sample_config(ctx, dc.response_len, 1.0)  # DPO's policy is the untempered one
   optimizer = make_optimizer(dc.opt, dc.steps)
   step = make_step(model, optimizer, dc, cfg.ppo, sc, prompt_len)
-  scalar = lambda v: jax.make_array_from_callback((), sh.replicated(ctx.mesh),
-                                                  lambda _: np.float32(v))
-  frozen = {"ref": sft_params, "reward": reward.params,
-            "gain": scalar(reward.gain), "bias": scalar(reward.bias)}
+  frozen = {"ref": sft_params, **reward.frozen(ctx.mesh)}  # an ensemble: all members, aggregated
   fresh = lambda p: {"params": p, "opt_state": optimizer.init(p), "step": jnp.zeros((), jnp.int32),
                      "skipped": jnp.zeros((), jnp.int32)}
   init_state, abstract = st.jit_init(fresh, st.abstract_params(model))

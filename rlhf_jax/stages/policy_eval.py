@@ -12,6 +12,7 @@ the SFT policy's response by gold (ties count half).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import rl
 from rlhf_jax.losses import token_logprobs
 from rlhf_jax.sampling import SampleConfig, make_generate
 from rlhf_jax.stages import common
@@ -46,37 +48,111 @@ def seq_logprobs(model, params, tokens, mask, prompt_len: int, temperature: floa
   return token_logprobs(out["logits"], tokens, temperature)[:, prompt_len - 1:]
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Aggregation:
+  """How an ensemble's member scores combine (reward.aggregate, reward.uwo_coef): a static
+  node of the frozen reward pytree, so jitted steps specialise on it."""
+  how: str = "mean"
+  uwo_coef: float = 1.0
+
+
+def frozen_scores(model, frozen, tokens, mask):
+  """(score, raw) [B] of the frozen reward pytree (`RewardModel.frozen`).
+
+  One reward model (scalar gain): gain * raw + bias. An ensemble (params stacked on a
+  leading member axis, gain / bias [N], an `aggregate` Aggregation): each member's forward
+  (vmapped over members) normalised by its own gain / bias, combined by
+  `rl.aggregate_rewards` (Coste et al. 2024); raw is the members' mean raw score."""
+  if jnp.ndim(frozen["gain"]) == 0:
+    return reward_scores(model, frozen["reward"], tokens, mask, frozen["gain"], frozen["bias"])
+  agg = frozen["aggregate"]
+  score, raw = jax.vmap(lambda p, g, b: reward_scores(model, p, tokens, mask, g, b))(
+      frozen["reward"], frozen["gain"], frozen["bias"])
+  return rl.aggregate_rewards(score, agg.how, agg.uwo_coef), jnp.mean(raw, axis=0)
+
+
 class RewardModel:
-  """A reward model stage's model and its normalisation (gain, bias), frozen: the reward
-  stage's, or another trained the same way (`stage`, e.g. "online/round_2/reward")."""
+  """A reward stage's model and its normalisation (gain, bias), frozen.
+
+  stage: the stage directory it comes from ("reward"; e.g. an online round's). An ensemble
+  (reward.ensemble > 1; its checkpoint names its members) holds stacked params, per-member
+  gain / bias ([N]) and scores with reward.aggregate. RL stages pass `frozen(mesh)` into
+  their jitted steps and score it with `frozen_scores` (rollout.sequence_scores does)."""
+  members = None  # an ensemble's member ids; None: one reward model
+  aggregation = Aggregation()
 
   def __init__(self, ctx, model, stage: str = "reward"):
     self.model = model
     self.params, meta = common.load_params(ctx, stage, model)
+    self.members = (meta.get("ensemble") or {}).get("members")  # None: one reward model
     summary = ctx.summary(stage)
-    self.gain, self.bias = float(summary["reward_gain"]), float(summary["reward_bias"])
-    fn = functools.partial(reward_scores, model, gain=self.gain, bias=self.bias)
-    self._score = jax.jit(fn)
+    rc = ctx.config.reward
+    self.aggregation = Aggregation(rc.get("aggregate", "mean"), float(rc.get("uwo_coef", 1.0)))
+    if self.members is None:
+      self.gain, self.bias = float(summary["reward_gain"]), float(summary["reward_bias"])
+      fn = functools.partial(reward_scores, model, gain=self.gain, bias=self.bias)
+      self._score = jax.jit(fn)
+    else:
+      self.gain = np.asarray(summary["reward_gain"], np.float32)
+      self.bias = np.asarray(summary["reward_bias"], np.float32)
+      if self.gain.shape != (len(self.members),):
+        raise ValueError(f"{ctx.stage_dir(stage)}: summary.json has {self.gain.shape} gains for "
+                         f"{len(self.members)} ensemble members; re-run the reward stage")
+      fn = lambda p, t, m: frozen_scores(model, {"reward": p, "gain": self.gain,
+                                                 "bias": self.bias, "aggregate": self.aggregation}, t, m)
+      self._score = jax.jit(fn)
+
+  @property
+  def ensemble(self) -> int:
+    """Members (1: one reward model)."""
+    return 1 if self.members is None else len(self.members)
 
   def score(self, tokens, mask):
     return self._score(self.params, tokens, mask)[0]
 
+  def frozen(self, mesh, store=None) -> dict:
+    """The pytree RL stages pass into their jitted steps: {"reward": params (through
+    `store`, e.g. a LoRA FineTune's), "gain", "bias"} as replicated global arrays (a
+    host-local scalar would live on one device only with several processes), plus the
+    static "aggregate" for an ensemble. Score it with `frozen_scores`."""
+    rep = lambda v: jax.make_array_from_callback(np.shape(v), sh.replicated(mesh),
+                                                 lambda idx: np.asarray(v, np.float32)[idx])
+    out = {"reward": self.params if store is None else store(self.params),
+           "gain": rep(self.gain), "bias": rep(self.bias)}
+    if self.members is not None:
+      out["aggregate"] = self.aggregation
+    return out
+
+  def _member0(self):
+    """(params, gain, bias) of one model: the reward model, or an ensemble's member 0."""
+    if self.members is None:
+      return self.params, self.gain, self.bias
+    return (jax.jit(lambda p: jax.tree.map(lambda x: x[0], p),
+                    out_shardings=st.param_shardings(self.model))(self.params),
+            float(self.gain[0]), float(self.bias[0]))
+
   def normalized_head(self):
     """The scalar head folded so it outputs gain * raw + bias (see normalized_params)."""
-    head = self.params["scalar_head"]
-    return jax.jit(lambda h: {"kernel": h["kernel"] * self.gain,
-                              "bias": h["bias"] * self.gain + self.bias})(head)
+    params, gain, bias = self._member0()
+    head = params["scalar_head"]
+    return jax.jit(lambda h: {"kernel": h["kernel"] * gain,
+                              "bias": h["bias"] * gain + bias})(head)
 
   def normalized_params(self):
     """A copy of the params whose scalar head outputs gain * raw + bias: the normalised
     score. PPO's critic starts here, so its values begin in the units of the rewards it
-    learns to predict (InstructGPT initialises the value function from the RM)."""
+    learns to predict (InstructGPT initialises the value function from the RM). An
+    ensemble gives member 0's (one model's backbone and head, normalised as it is in
+    the ensemble): the critic predicts returns, it need not reproduce the aggregate."""
+    params, gain, bias = self._member0()
+
     def fold(params):
       head = params["scalar_head"]
       return {**jax.tree.map(jnp.copy, params),
-              "scalar_head": {"kernel": head["kernel"] * self.gain,
-                              "bias": head["bias"] * self.gain + self.bias}}
-    return jax.jit(fold)(self.params)
+              "scalar_head": {"kernel": head["kernel"] * gain,
+                              "bias": head["bias"] * gain + bias}}
+    return jax.jit(fold)(params)
 
 
 def sample_config(ctx, response_len: int, temperature: float) -> SampleConfig:

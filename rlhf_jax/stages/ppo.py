@@ -1,7 +1,8 @@
 """Stage: PPO against the reward model (InstructGPT step 3).
 
 Policy and reference from SFT; critic from the reward model (InstructGPT;
-Stiennon et al. 2020), trained by its own AdamW with step size `ppo.critic_lr`
+Stiennon et al. 2020; from a reward ensemble, its member 0 with that member's
+normalisation: one model's backbone, whose values start in normalised units), trained by its own AdamW with step size `ppo.critic_lr`
 (`ppo.vf_coef` has no effect on it). `ppo.critic=shared`: a value head on the
 policy's backbone, zero-initialised so every initial value is 0 (lm-human-
 preferences initialises its value head to zeros), its loss weighted by vf_coef. Each loop step is one PPO
@@ -35,9 +36,10 @@ def compute_per_iteration(cfg, model_cfg, prompt_len: int) -> dict:
   fwd = flops_per_token(model_cfg, seq) / 3  # forward FLOPs per token
   tokens = pc.rollout_batch * seq
   n_models_trained = 1 if pc.critic == "shared" else 2
+  rm_extra = cfg.reward.get("ensemble", 1) - 1  # an ensemble scores with every member
   sampled = pc.rollout_batch * pc.response_len
   flops = (tokens * fwd  # rollout (KV-cache decode ~ one forward per token)
-           + (n_models_trained + 2) * tokens * fwd  # policy, (critic,) reference, reward forwards
+           + (n_models_trained + 2 + rm_extra) * tokens * fwd  # policy, (critic,) ref, reward(s)
            + pc.epochs * n_models_trained * 3 * tokens * fwd)  # updates
   if pc.ptx_coef > 0:
     flops += pc.epochs * pc.minibatches * 3 * pc.ptx_batch * cfg.data.seq_len * fwd
@@ -74,12 +76,8 @@ def train_policy(ctx, name: str, *, reward_stage: str = "reward", init_policy: s
   views = lora_views(policy_ft, ctx.config.lora.sampling) if policy_ft.lora else Views
   iteration = make_iteration(policy_ft.model, critic_ft.model, policy_opt, critic_opt, pc, sc,
                              prompt_len, views=views)
-  # Scalars as replicated global arrays: with several processes a host-local scalar
-  # would live on one device only and jit would reject it.
-  scalar = lambda v: jax.make_array_from_callback((), sh.replicated(ctx.mesh),
-                                                  lambda _: np.float32(v))
-  frozen = {"ref": policy_ft.store(sft_params), "reward": policy_ft.store(reward.params),
-            "gain": scalar(reward.gain), "bias": scalar(reward.bias)}
+  # The reward model (an ensemble: every member, aggregated) as RewardModel.frozen gives it.
+  frozen = {"ref": policy_ft.store(sft_params), **reward.frozen(ctx.mesh, store=policy_ft.store)}
 
   def fresh_state(policy, critic):
     s = {"params": policy, "opt_state": policy_opt.init(policy), "step": jnp.zeros((), jnp.int32),
@@ -100,7 +98,8 @@ def train_policy(ctx, name: str, *, reward_stage: str = "reward", init_policy: s
     state, _ = common.resume(ckpt, abstract, name, meta)
     print(f"[{name}] resuming from iteration {int(state['step'])}", flush=True)
   else:
-    # The critic starts from the reward model (InstructGPT), in normalised score units.
+    # The critic starts from the reward model (InstructGPT), in normalised score units;
+    # from an ensemble, member 0 (RewardModel.normalized_params).
     if policy_ft.lora:
       key = ctx.key(name)
       policy = policy_ft.init_trainable(initial_policy(sft_params, pc.critic),

@@ -6,7 +6,8 @@ with the details catalogued by Huang et al. 2024 ("The N+ implementation
 details of RLHF with PPO"); each is a field of `config.ppo`:
 
   reward_t = -beta * KL_t (every response token) + score (last token)
-  score    = normalised RM score; replaced by `missing_eos_penalty` when no
+  score    = normalised RM score (an ensemble's members aggregated by
+             reward.aggregate, `policy_eval.frozen_scores`); replaced by `missing_eos_penalty` when no
              EOS was produced; optionally clipped to +-reward_clip
   A, R     = GAE(gamma, lambda) over the response, whitened advantages
   loss     = clipped surrogate - entropy_coef * H + ptx_coef * LM(pretrain)

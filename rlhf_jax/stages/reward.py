@@ -13,6 +13,15 @@ After training, a gain and bias make the rewards of SFT-policy samples on RL
 prompts mean 0, std 1 (Ziegler et al. 2019; InstructGPT adds a bias so the
 SFT demonstrations score 0). They are stored in summary.json and in
 checkpoints/normalization.json and applied whenever the model scores.
+
+Ensembles (`reward.ensemble = N`; Coste et al. 2024, Eisenstein et al. 2023): N
+members, each SFT + its own fresh head (key fold_in(head key, m)) and its own data
+(`reward.ensemble_data`: all comparisons in its own order, or a bootstrap resample),
+trained in one vmapped program (`train.ensemble`); the checkpoint holds the params
+stacked on a leading member axis, and the gain/bias are per member (lists). The
+summary gives each member's accuracy and gold accuracy and the ensemble's, with the
+normalised member scores combined by `reward.aggregate` (`rl.aggregate_rewards`).
+`reward.member = m` trains member m alone (a 1-member ensemble).
 """
 from __future__ import annotations
 
@@ -24,10 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.data.sources import stream_seed
 from rlhf_jax.losses import ranking_loss
+from rlhf_jax.model.transformer import flops_per_token
+from rlhf_jax.rl import aggregate_rewards
 from rlhf_jax.sampling import make_generate
 from rlhf_jax.stages import common
 from rlhf_jax.stages.policy_eval import last_index, sample_config, sample_rows
+from rlhf_jax.train import ensemble as ens
 from rlhf_jax.train import sharding as sh
 from rlhf_jax.train import state as st
 
@@ -55,30 +68,42 @@ def _fresh_head(model, params, key):
   return dict(params, scalar_head=fresh["scalar_head"])
 
 
-def _rewards_of(ctx, model, params, arrays: dict, batch_size: int) -> np.ndarray:
-  fn = jax.jit(functools.partial(response_rewards, model))
+def members_of(ctx, n_train: int) -> ens.Members | None:
+  """The members the reward stage trains: None for one reward model (reward.ensemble = 1),
+  all reward.ensemble of them, or reward.member alone. Member m's bootstrap rows are a
+  pure function of config.seed and m, so it sees the same rows with or without the others."""
+  rc = ctx.config.reward
+  if rc.get("ensemble", 1) == 1:
+    return None
+  ids = tuple(range(rc.ensemble)) if rc.member < 0 else (int(rc.member),)
+  rows = None
+  if rc.ensemble_data == "bootstrap":
+    rows = tuple(ens.bootstrap_rows(n_train, stream_seed(ctx.config.seed, "bootstrap", f"reward/member{m}"))
+                 for m in ids)
+  return ens.Members(ids, rows)
+
+
+def _member_params(model, sft_params, key, ids):
+  """The SFT backbone with member m's fresh head (key fold_in(key, m)), stacked over `ids`."""
+  heads = [_fresh_head(model, sft_params, jax.random.fold_in(key, m))["scalar_head"] for m in ids]
+  shardings = st.shardings_of(ens.stack_abstract(st.abstract_params(model), len(ids)))
+  stack = lambda p, hs: jax.tree.map(lambda *x: jnp.stack(x), *[dict(p, scalar_head=h) for h in hs])
+  return jax.jit(stack, out_shardings=shardings)(sft_params, heads)
+
+
+def _rewards_of(ctx, model, params, arrays: dict, batch_size: int, members: int = 0) -> np.ndarray:
+  """Raw rewards [rows, K]; of stacked params (`members` of them) [rows, members, K]."""
+  fn = functools.partial(response_rewards, model)
+  if members:
+    one = fn
+    fn = lambda p, t, m: jnp.moveaxis(jax.vmap(one, in_axes=(0, None, None))(p, t, m), 0, 1)
+  fn = jax.jit(fn)
   inputs = {k: arrays[k] for k in ("tokens", "mask")}
   out = []
   for _, keep, host in sh.global_batches(inputs, batch_size, ctx.mesh):
     b = sh.put_batch(host, ctx.mesh)
     out.append(sh.to_host(fn(params, b["tokens"], b["mask"]))[:keep])
   return np.concatenate(out)
-
-
-def _gold_accuracy(ctx, rewards, arrays, raw, min_gap: float, gold=None):
-  """Pairwise agreement of the RM with the gold order (`ctx.gold`) on held-out comparisons.
-  gold: the comparisons' gold scores (`_gold_of`), computed once for both gaps."""
-  if gold is None:
-    return None
-  agree = total = 0
-  for r, valid, g in zip(rewards, arrays["valid"], gold):
-    k = int(valid.sum())
-    for i in range(k):
-      for j in range(i + 1, k):
-        if abs(g[i] - g[j]) > min_gap:
-          agree += (r[i] > r[j]) == (g[i] > g[j])
-          total += 1
-  return float(agree / max(total, 1))
 
 
 def _gold_of(ctx, raw):
@@ -95,10 +120,33 @@ def _gold_of(ctx, raw):
   return out
 
 
-def normalization(ctx, model, params, policy_params=None, key=None) -> tuple[float, float, dict]:
+def _gold_accuracy(rewards, arrays, gold, min_gap: float):
+  """Pairwise agreement of the RM with the gold order (`ctx.gold`, scores from `_gold_of`)
+  on held-out comparisons. rewards [rows, K] -> a float; [M, rows, K] (M score sets:
+  ensemble members) -> M floats; None without a gold scorer."""
+  if gold is None:
+    return None
+  sets = np.asarray(rewards)
+  single = sets.ndim == 2
+  sets = sets[None] if single else sets
+  agree, total = np.zeros(len(sets)), 0
+  for row, (valid, g) in enumerate(zip(arrays["valid"], gold)):
+    r = sets[:, row]
+    k = int(valid.sum())
+    for i in range(k):
+      for j in range(i + 1, k):
+        if abs(g[i] - g[j]) > min_gap:
+          agree += (r[:, i] > r[:, j]) == (g[i] > g[j])
+          total += 1
+  acc = agree / max(total, 1)
+  return float(acc[0]) if single else [float(a) for a in acc]
+
+
+def normalization(ctx, model, params, members: int = 0, policy_params=None, key=None) -> tuple:
   """Gain/bias so samples of the policy `policy_params` (default: SFT) on RL prompts score
-  mean 0, std 1 (Ziegler et al. 2019). key: the sampling key (default the reward stage's);
-  the online stage normalises each round's model on that round's current policy."""
+  mean 0, std 1 (Ziegler et al. 2019); of stacked params (`members` of them), one per
+  member (lists). key: the sampling key (default the reward stage's); the online stage
+  normalises each round's model on that round's current policy."""
   cfg = ctx.config
   if policy_params is None:
     policy_params, _ = common.load_params(ctx, "sft", model)
@@ -113,7 +161,13 @@ def normalization(ctx, model, params, policy_params=None, key=None) -> tuple[flo
   tokens = np.concatenate([prompts["prompt"], s["response"]], axis=1)
   mask = np.concatenate([prompts["prompt_mask"], s["response_mask"]], axis=1)
   raw = _rewards_of(ctx, model, params, {"tokens": tokens[:, None], "mask": mask[:, None]},
-                    cfg.label.batch_size)[:, 0]
+                    cfg.label.batch_size, members)[..., 0]
+  if members:  # the same samples, each member normalised on its own
+    std = np.where(raw.std(0) > 0, raw.std(0), 1.0)
+    gain, bias = 1.0 / std, -raw.mean(0) / std
+    return ([float(g) for g in gain], [float(b) for b in bias],
+            {"sft_raw_reward_mean": [float(m) for m in raw.mean(0)],
+             "sft_raw_reward_std": [float(s) for s in std]})
   std = float(raw.std()) or 1.0
   gain = 1.0 / std
   bias = -float(raw.mean()) * gain
@@ -122,11 +176,18 @@ def normalization(ctx, model, params, policy_params=None, key=None) -> tuple[flo
 
 def run(ctx) -> dict:
   model = st.make_model(ctx.model_cfg, ctx.mesh)
-  return train_reward_model(
-      ctx, "reward", ctx.config.reward, model, [os.path.join(ctx.stage_dir("label"), "data")],
-      init_params=lambda: _fresh_head(model, common.load_params(ctx, "sft", model)[0],
-                                      jax.random.fold_in(ctx.key("reward"), 7)),
-      base="sft")
+  sft = lambda: common.load_params(ctx, "sft", model)[0]
+  head_key = jax.random.fold_in(ctx.key("reward"), 7)
+  data = [os.path.join(ctx.stage_dir("label"), "data")]
+  members = None
+  if ctx.config.reward.get("ensemble", 1) > 1:  # bootstrap rows need the training-set size
+    members = members_of(ctx, len(load_rankings(ctx, data, ctx.config.reward.eval_frac)[0][0]["ranks"]))
+  if members is None:
+    init = lambda: _fresh_head(model, sft(), head_key)
+  else:
+    init = lambda: _member_params(model, sft(), head_key, members.ids)
+  return train_reward_model(ctx, "reward", ctx.config.reward, model, data, init_params=init,
+                            base="sft", members=members)
 
 
 def load_rankings(ctx, data_dirs: list[str], eval_frac: float):
@@ -147,26 +208,35 @@ def load_rankings(ctx, data_dirs: list[str], eval_frac: float):
 
 
 def train_reward_model(ctx, name: str, rc, model, data_dirs: list[str], *, init_params, base: str,
-                       policy_params=None, norm_key=None) -> dict:
+                       policy_params=None, norm_key=None, members=None) -> dict:
   """Train the reward model `name` (a stage dir) on the rankings in `data_dirs`, measure it
   on their held-out comparisons, and normalise it on `policy_params`' samples (default SFT).
   rc: the training settings (config.reward or a copy with other steps); init_params()
-  and base: where training starts (see common.train_supervised). Returns the summary,
-  with reward_gain / reward_bias, which `policy_eval.RewardModel` reads."""
+  and base: where training starts (see common.train_supervised); members: an ensemble's
+  (`members_of`), trained as one vmapped program. Returns the summary, with reward_gain /
+  reward_bias, which `policy_eval.RewardModel` reads."""
   (train, evals), raw_eval, counts = load_rankings(ctx, data_dirs, rc.eval_frac)
   loss, eval_loss = make_losses(model)
   summary, state = common.train_supervised(
       ctx, name, rc, model=model, loss_fn=loss, eval_loss=eval_loss,
       train_arrays=train, eval_arrays=evals, init_params=init_params,
       tokens_per_example=int(np.prod(train["tokens"].shape[1:])),  # K x length per comparison
-      base=base, heads=("scalar_head",))  # LoRA: the fresh head trains in full
+      base=base, heads=("scalar_head",),  # LoRA: the fresh head trains in full
+      members=members)
   params = state["params"]
+  # Training FLOPs (3 forwards per token, every member): the arms runner shows them apart.
+  seq = int(train["tokens"].shape[-1])
+  summary["train_flops"] = float((len(members) if members else 1) * rc.steps * rc.batch_size
+                                 * int(np.prod(train["tokens"].shape[1:]))
+                                 * flops_per_token(ctx.model_cfg, seq))
+  gold = _gold_of(ctx, raw_eval)
+  if members is not None:
+    return _ensemble_summary(ctx, model, params, members, evals, gold, train, counts, summary)
   rewards = _rewards_of(ctx, model, params, evals, rc.batch_size)
   ev_loss, ev = jax.jit(ranking_loss)(rewards, evals["ranks"], evals["valid"])
-  gold = _gold_of(ctx, raw_eval)
-  gold_acc = _gold_accuracy(ctx, rewards, evals, raw_eval, 0.0, gold)
-  gold_acc_clear = _gold_accuracy(ctx, rewards, evals, raw_eval, 0.25, gold)
-  gain, bias, norm_stats = normalization(ctx, model, params, policy_params, norm_key)
+  gold_acc = _gold_accuracy(rewards, evals, gold, 0.0)
+  gold_acc_clear = _gold_accuracy(rewards, evals, gold, 0.25)
+  gain, bias, norm_stats = normalization(ctx, model, params, 0, policy_params, norm_key)
   norm_path = os.path.join(ctx.stage_dir(name), "checkpoints", "normalization.json")
   if jax.process_index() == 0:
     with open(norm_path, "w") as f:
@@ -177,5 +247,40 @@ def train_reward_model(ctx, name: str, rc, model, data_dirs: list[str], *, init_
       reward_gain=gain, reward_bias=bias, **norm_stats, **counts)
   if gold_acc is not None:
     summary.update(gold_accuracy=gold_acc, gold_accuracy_clear=gold_acc_clear,
+                   gold_scorer=ctx.gold.name)
+  return summary
+
+
+def _ensemble_summary(ctx, model, params, members, evals, gold, train, counts, summary) -> dict:
+  """Each member's held-out accuracy / loss / gold accuracy and the ensemble's: the
+  normalised member scores combined by reward.aggregate, as every RL stage scores."""
+  rc = ctx.config.reward
+  n = len(members)
+  member_r = np.moveaxis(_rewards_of(ctx, model, params, evals, rc.batch_size, n), 1, 0)
+  gain, bias, norm_stats = normalization(ctx, model, params, n)
+  normed = np.asarray(gain)[:, None, None] * member_r + np.asarray(bias)[:, None, None]
+  agg = np.asarray(aggregate_rewards(normed.reshape(n, -1), rc.aggregate, rc.uwo_coef)
+                   ).reshape(member_r.shape[1:])
+  rank = jax.jit(ranking_loss)
+  per = [rank(r, evals["ranks"], evals["valid"]) for r in member_r]
+  ev_loss, ev = rank(agg, evals["ranks"], evals["valid"])
+  sets = np.concatenate([member_r, agg[None]])  # the members, then the ensemble
+  gold_acc = _gold_accuracy(sets, evals, gold, 0.0)
+  gold_clear = _gold_accuracy(sets, evals, gold, 0.25)
+  norm_path = os.path.join(ctx.stage_dir("reward"), "checkpoints", "normalization.json")
+  if jax.process_index() == 0:
+    with open(norm_path, "w") as f:
+      json.dump({"gain": gain, "bias": bias, "members": list(members.ids)}, f)
+  summary.update(
+      accuracy=float(ev["accuracy"]), loss=float(ev_loss), margin=float(ev["margin"]),
+      ensemble=int(rc.ensemble), ensemble_members=[int(m) for m in members.ids],
+      aggregate=rc.aggregate, ensemble_data=rc.ensemble_data,
+      member_accuracy=[float(m["accuracy"]) for _, m in per],
+      member_loss=[float(l) for l, _ in per],
+      eval_comparisons=int(len(evals["ranks"])), train_comparisons=int(len(train["ranks"])),
+      reward_gain=gain, reward_bias=bias, **norm_stats, **counts)
+  if gold_acc is not None:
+    summary.update(gold_accuracy=gold_acc[-1], gold_accuracy_clear=gold_clear[-1],
+                   member_gold_accuracy=gold_acc[:-1], member_gold_accuracy_clear=gold_clear[:-1],
                    gold_scorer=ctx.gold.name)
   return summary

@@ -14,7 +14,7 @@ import os
 import jax.numpy as jnp
 
 from rlhf_jax.losses import token_logprobs
-from rlhf_jax.stages.policy_eval import reward_scores
+from rlhf_jax.stages.policy_eval import frozen_scores
 
 
 def response_logprobs(model, params, tokens, mask, prompt_len: int, temperature: float,
@@ -30,7 +30,8 @@ def response_logprobs(model, params, tokens, mask, prompt_len: int, temperature:
 def sequence_scores(model, frozen, g, rc, score_fn=None):
   """(score, proxy, raw) [B] of a rollout `g` (the sampler's output).
 
-  proxy = the normalised reward model (frozen['reward'], gain, bias), or
+  proxy = the normalised reward model (the `RewardModel.frozen` keys of `frozen`: an
+  ensemble's members aggregated by reward.aggregate; `policy_eval.frozen_scores`), or
   `score_fn(tokens, mask, response, response_mask, ended)` for a programmatic reward;
   score = proxy with `rc.missing_eos_penalty` for responses without EOS when
   `rc.use_eos_penalty` (Huang et al. 2024), clipped to +-rc.reward_clip if > 0.
@@ -39,8 +40,7 @@ def sequence_scores(model, frozen, g, rc, score_fn=None):
   tokens, mask = g["tokens"], g["mask"]
   if score_fn is None:
     # The reward model has the policy's architecture (it is initialised from SFT).
-    score, raw = reward_scores(model, frozen["reward"], tokens, mask, frozen["gain"],
-                               frozen["bias"])
+    score, raw = frozen_scores(model, frozen, tokens, mask)
   else:
     score = raw = score_fn(tokens, mask, g["response"], g["response_mask"], g["ended"])
   proxy = score
