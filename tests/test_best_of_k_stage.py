@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
+
 from rlhf_jax.losses import lm_loss
 from rlhf_jax.model.transformer import ModelConfig
 from rlhf_jax.sampling import SampleConfig, make_generate
@@ -172,10 +174,8 @@ def _numbers(obj):
 def test_whole_pipeline_end_to_end(tmp_path):
   """All seven stages at test size: every summary finite, the report and its plots written,
   and an interrupted best_of_k stage re-run skips its finished rounds."""
-  cmd = [sys.executable, "-m", "rlhf_jax.main", "--config", "configs/tiny.py:test",
-         "--workdir", str(tmp_path)]
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cmd = helpers.cli_args(tmp_path)  # the test config, the suite's compilation cache
+  root, env = helpers.REPO, helpers.env()
   t0 = time.time()
   p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
