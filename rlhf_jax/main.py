@@ -12,27 +12,23 @@ import traceback
 
 
 def cpu_defaults(environ=os.environ) -> None:
-  """Split the host CPU into two XLA devices, so the default mesh (data=-1) runs data-parallel
-  over both cores of a 2-core machine. Must run before JAX creates its CPU backend.
+  """`RLHF_JAX_CPU_DEVICES=N` splits the host CPU into N XLA devices (the default mesh,
+  data=-1, then runs data-parallel over them). Must run before JAX creates its CPU backend.
 
-  Why: one XLA CPU device runs a small model's step as a chain of small ops on
-  mostly one thread (only the larger dots use the intra-op pool); two devices
-  each run half the batch at the same time. The issue-18 measurement on an idle
-  2-core machine: pretraining at 8.5k tokens/s on one device, 10.4k on 8 fake
-  devices; the CPU work per step is unchanged (docs/performance.md, "CPU threading").
-  Nothing changes where XLA_FLAGS already sets a host device count (the tests do),
-  with RLHF_JAX_CPU_DEVICES=N (1 = the old single device), or on a 1-core machine.
-  The flag only shapes the CPU platform: on a GPU/TPU host the accelerator stays the default.
+  One device is the default. Two devices ran pretraining 10-12% faster per step on a
+  loaded 2-core machine (docs/performance.md, "CPU threading"), but the default pipeline
+  timed on an idle one was not faster than the single-device runs issue 18 timed, and a
+  two-device PPO run aborted inside XLA's in-process collectives when other jobs loaded
+  the cores (an all-gather and an all-reduce waited for each other past XLA's 40 s
+  rendezvous timeout, `rendezvous.cc`), which a single device cannot hit. Nothing
+  changes where XLA_FLAGS already sets a host device count (the tests do). The flag
+  only shapes the CPU platform: on a GPU/TPU host the accelerator stays the default.
   """
   flags = environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" in flags:
     return
-  want = environ.get("RLHF_JAX_CPU_DEVICES", "")
-  try:
-    cores = len(os.sched_getaffinity(0))
-  except AttributeError:  # not Linux
-    cores = os.cpu_count() or 1
-  n = int(want) if want.strip() else min(2, cores)
+  want = environ.get("RLHF_JAX_CPU_DEVICES", "").strip()
+  n = int(want) if want else 1
   if n > 1:
     environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 

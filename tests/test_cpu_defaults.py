@@ -1,4 +1,4 @@
-"""`rlhf_jax.main.cpu_defaults`: the CLI splits the CPU into two XLA devices unless told otherwise."""
+"""`rlhf_jax.main.cpu_defaults`: one CPU device unless RLHF_JAX_CPU_DEVICES asks for more."""
 import subprocess
 import sys
 
@@ -6,7 +6,10 @@ import helpers
 from rlhf_jax.main import cpu_defaults
 
 
-def test_two_devices_by_default_and_every_override_wins():
+def test_one_device_by_default_and_every_override_wins():
+  default = {}
+  cpu_defaults(default)  # one device: XLA_FLAGS untouched
+  assert "XLA_FLAGS" not in default
   env = {"RLHF_JAX_CPU_DEVICES": "2", "XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}
   cpu_defaults(env)
   assert env["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=2"
@@ -14,7 +17,7 @@ def test_two_devices_by_default_and_every_override_wins():
   cpu_defaults(mine)  # a count the user (or a test) set is kept
   assert mine["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
   one = {"RLHF_JAX_CPU_DEVICES": "1"}
-  cpu_defaults(one)  # the opt-out: the old single device
+  cpu_defaults(one)  # asking for one device changes nothing
   assert "XLA_FLAGS" not in one
 
 

@@ -58,12 +58,12 @@ LAUNCH_TIMEOUT = int(os.environ.get("RLHF_JAX_LAUNCH_TIMEOUT", "600"))  # raise 
 #   save: SIGKILL as soon as a new checkpoint directory is being written
 #   term: SIGTERM once a training step has been logged (expects exit 75)
 PLANS = {
-    "pretrain": ["time", "term", "save"],
-    "sft": ["save", "time"],
+    "pretrain": ["time", "term", "save", "save", "time"],
+    "sft": ["time", "save", "save"],
     "label": ["time"],
-    "reward": ["term", "save"],
-    "ppo": ["save", "time"],
-    "best_of_k": ["term", "save"],
+    "reward": ["term", "time", "save"],
+    "ppo": ["term", "save", "time"],
+    "best_of_k": ["time", "term", "save"],
     "dpo": ["term", "save"],  # reference log-probs are recomputed on resume: must match exactly
     "grpo": ["save", "time"],
 }
