@@ -15,9 +15,8 @@ def cpu_defaults(environ=os.environ) -> None:
   """`RLHF_JAX_CPU_DEVICES=N` splits the host CPU into N XLA devices (the default mesh,
   data=-1, then runs data-parallel over them). Must run before JAX creates its CPU backend.
 
-  One device is the default. Two devices ran pretraining 10-12% faster per step on a
-  loaded 2-core machine (docs/performance.md, "CPU threading"), but the default pipeline
-  timed on an idle one was not faster than the single-device runs issue 18 timed, and a
+  One device is the default. Two devices ran the default pipeline 5% faster on an idle
+  2-core machine (648 against 682 s from a fresh clone, docs/performance.md), but a
   two-device PPO run aborted inside XLA's in-process collectives when other jobs loaded
   the cores (an all-gather and an all-reduce waited for each other past XLA's 40 s
   rendezvous timeout, `rendezvous.cc`), which a single device cannot hit. Nothing
