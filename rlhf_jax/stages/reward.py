@@ -179,15 +179,14 @@ def run(ctx) -> dict:
   sft = lambda: common.load_params(ctx, "sft", model)[0]
   head_key = jax.random.fold_in(ctx.key("reward"), 7)
   data = [os.path.join(ctx.stage_dir("label"), "data")]
-  members = None
-  if ctx.config.reward.get("ensemble", 1) > 1:  # bootstrap rows need the training-set size
-    members = members_of(ctx, len(load_rankings(ctx, data, ctx.config.reward.eval_frac)[0][0]["ranks"]))
+  rankings = load_rankings(ctx, data, ctx.config.reward.eval_frac)  # read once, trained below
+  members = members_of(ctx, len(rankings[0][0]["ranks"]))  # bootstrap rows need the size
   if members is None:
     init = lambda: _fresh_head(model, sft(), head_key)
   else:
     init = lambda: _member_params(model, sft(), head_key, members.ids)
   return train_reward_model(ctx, "reward", ctx.config.reward, model, data, init_params=init,
-                            base="sft", members=members)
+                            base="sft", members=members, rankings=rankings)
 
 
 def load_rankings(ctx, data_dirs: list[str], eval_frac: float):
@@ -208,14 +207,15 @@ def load_rankings(ctx, data_dirs: list[str], eval_frac: float):
 
 
 def train_reward_model(ctx, name: str, rc, model, data_dirs: list[str], *, init_params, base: str,
-                       policy_params=None, norm_key=None, members=None) -> dict:
+                       policy_params=None, norm_key=None, members=None, rankings=None) -> dict:
   """Train the reward model `name` (a stage dir) on the rankings in `data_dirs`, measure it
   on their held-out comparisons, and normalise it on `policy_params`' samples (default SFT).
   rc: the training settings (config.reward or a copy with other steps); init_params()
   and base: where training starts (see common.train_supervised); members: an ensemble's
-  (`members_of`), trained as one vmapped program. Returns the summary, with reward_gain /
-  reward_bias, which `policy_eval.RewardModel` reads."""
-  (train, evals), raw_eval, counts = load_rankings(ctx, data_dirs, rc.eval_frac)
+  (`members_of`), trained as one vmapped program; rankings: `load_rankings`' output when the
+  caller has already read `data_dirs`. Returns the summary, with reward_gain / reward_bias,
+  which `policy_eval.RewardModel` reads."""
+  (train, evals), raw_eval, counts = rankings or load_rankings(ctx, data_dirs, rc.eval_frac)
   loss, eval_loss = make_losses(model)
   summary, state = common.train_supervised(
       ctx, name, rc, model=model, loss_fn=loss, eval_loss=eval_loss,
