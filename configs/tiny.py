@@ -40,7 +40,7 @@ def get_config(arg=None):
       vocab_size=512,
       seq_len=96,  # pretraining rows (packed)
       max_len=80,  # prompt + response for SFT / reward
-      prompt_len=32,  # left-padded prompts for generation
+      prompt_len=16,  # left-padded prompts for generation (the world's are <= 15 tokens with BOS)
       # Token budgets for SFT, reward and generation (rlhf_jax.data.sources). A longer
       # prompt keeps its END (most recent turns) plus BOS; a longer response is cut.
       max_prompt_len=0,  # BOS included; 0 = prompt_len

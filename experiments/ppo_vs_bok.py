@@ -580,7 +580,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from rlhf_jax import hostenv
   from rlhf_jax.train.loop import Preempted
+  hostenv.cpu_defaults()  # device count and allocator, as `rlhf_jax.main` (before JAX starts)
   try:
     sys.exit(main())
   except Preempted as e:  # SIGTERM: finished stages and arms are kept

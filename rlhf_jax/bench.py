@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from rlhf_jax import hostenv
 from rlhf_jax.config_lib import ConfigError
 from rlhf_jax.losses import lm_loss
 from rlhf_jax.model.transformer import ModelConfig, flops_per_token, param_count
@@ -792,6 +793,7 @@ def _argv_without_workdir(argv: list[str]) -> list[str]:
 
 
 def cli():
+  hostenv.cpu_defaults()  # the allocator the pipeline runs with (before JAX's backend starts)
   # Flags are defined here, not at import, so importing this module next to
   # rlhf_jax.main (which defines --config too) does not clash.
   config = config_flags.DEFINE_config_file("config", None, "configs/bench.py:PRESET", lock_config=True)

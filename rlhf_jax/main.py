@@ -10,27 +10,7 @@ import os
 import sys
 import traceback
 
-
-def cpu_defaults(environ=os.environ) -> None:
-  """`RLHF_JAX_CPU_DEVICES=N` splits the host CPU into N XLA devices (the default mesh,
-  data=-1, then runs data-parallel over them). Must run before JAX creates its CPU backend.
-
-  One device is the default. Two devices ran the default pipeline 5% faster on an idle
-  2-core machine (648 against 682 s from a fresh clone, docs/performance.md), but a
-  two-device PPO run aborted inside XLA's in-process collectives when other jobs loaded
-  the cores (an all-gather and an all-reduce waited for each other past XLA's 40 s
-  rendezvous timeout, `rendezvous.cc`), which a single device cannot hit. Nothing
-  changes where XLA_FLAGS already sets a host device count (the tests do). The flag
-  only shapes the CPU platform: on a GPU/TPU host the accelerator stays the default.
-  """
-  flags = environ.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" in flags:
-    return
-  want = environ.get("RLHF_JAX_CPU_DEVICES", "").strip()
-  n = int(want) if want else 1
-  if n > 1:
-    environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-
+from rlhf_jax.hostenv import cpu_defaults
 
 cpu_defaults()  # before absl/ml_collections or anything else can initialise JAX
 

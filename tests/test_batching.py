@@ -80,8 +80,19 @@ def test_sft_overlong_keeps_the_prompt_end_and_cuts_the_response():
 def test_response_budget_caps_the_response_even_with_room_left():
   ex, counts = batching.sft_examples([[10]], [[20, 21, 22, 23]], 10, BOS, EOS, PAD,
                                      max_prompt_len=4, max_response_len=3)
-  assert ex['tokens'][0].tolist() == [BOS, 10, 20, 21, 22] + [PAD] * 5
+  assert ex['tokens'][0].tolist() == [BOS, 10, 20, 21, 22] + [PAD] * 3  # width 8, not 10
   assert counts['response_truncated'] == 1 and counts['prompt_truncated'] == 0
+
+
+def test_rows_are_padded_to_the_longest_row_not_the_budget():
+  """A budget of 80 with rows of at most 11 tokens gives 16-wide rows (a multiple of 8):
+  the forward passes pay for the data, not for the budget."""
+  ex, _ = batching.sft_examples([[10] * 5, [11]], [[20] * 4, [21]], 80, BOS, EOS, PAD)
+  assert ex['tokens'].shape == (2, 16) and ex['mask'].sum(1).tolist() == [11, 4]
+  assert ex['loss_mask'][0].tolist() == [0] * 6 + [1] * 5 + [0] * 5
+  rw, _ = batching.reward_examples([[10] * 5], [[[20] * 9, [21]]], [[0, 1]], 80, BOS, EOS, PAD)
+  assert rw['tokens'].shape == (1, 2, 16) and rw['mask'][0].sum(1).tolist() == [16, 8]
+  assert batching.padded_width([81], 80) == 80  # never wider than the budget
 
 
 def test_no_bos_tokenizer_prepends_nothing():

@@ -92,7 +92,8 @@ def sft_examples(prompt_ids: Sequence[Tokens], response_ids: Sequence[Tokens],
                  max_len: int, bos_id: int | None, eos_id: int, pad_id: int,
                  overlong: str = 'truncate', *, max_prompt_len: int = 0,
                  max_response_len: int = 0) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """Rows BOS prompt response EOS pad...; loss only on the response and its EOS.
+  """Rows BOS prompt response EOS pad... ([N, width], width: `padded_width`); loss only on
+  the response and its EOS.
 
   Budgets as in `fit_row`: overlong='truncate' keeps a long prompt's end and cuts a
   long response (and its EOS); 'drop' drops any row that needs a cut. Returns
@@ -114,9 +115,9 @@ def sft_examples(prompt_ids: Sequence[Tokens], response_ids: Sequence[Tokens],
   if not rows:
     raise ValueError(f'no SFT example fits in max_len={max_len} '
                      f'({counts["dropped"]} of {len(prompt_ids)} dropped)')
-  tokens, mask = _right_pad(rows, max_len, pad_id)
+  tokens, mask = _right_pad(rows, padded_width([len(r) for r in rows], max_len), pad_id)
   loss_mask = mask.astype(np.float32)
-  loss_mask[np.arange(max_len)[None, :] < np.asarray(targets)[:, None]] = 0.0
+  loss_mask[np.arange(tokens.shape[1])[None, :] < np.asarray(targets)[:, None]] = 0.0
   loss_mask[:, 0] = 0.0  # nothing precedes position 0 (an empty prompt without BOS)
   return {'tokens': tokens, 'mask': mask, 'loss_mask': loss_mask}, counts
 
@@ -125,6 +126,20 @@ def _count(counts: dict, p_cut: bool, r_cut: bool):
   counts['prompt_truncated'] += bool(p_cut)
   counts['response_truncated'] += bool(r_cut)
   counts['truncated'] += bool(p_cut or r_cut)
+
+
+# Rows are padded to the longest row of the data set (rounded up to a multiple of this),
+# not to data.max_len: the budget is an upper bound, and padding that no row needs is
+# compute every forward pays (the default pipeline's SFT and reward rows are at most 48
+# tokens of an 80-token budget). Causal attention and right padding make the extra
+# positions invisible to the real tokens, so only the cost changes.
+PAD_MULTIPLE = 8
+
+
+def padded_width(lengths, max_len: int, multiple: int = PAD_MULTIPLE) -> int:
+  """The row width for rows of these lengths: the longest, rounded up, at most max_len."""
+  longest = max(lengths, default=1)
+  return min(max_len, -(-max(longest, 1) // multiple) * multiple)
 
 
 def _right_pad(rows: list[list[int]], length: int, pad_id: int):
@@ -144,7 +159,7 @@ def reward_examples(prompt_ids: Sequence[Tokens], responses_ids: Sequence[Sequen
                     overlong: str = 'truncate', *, ended: Sequence[Sequence[bool]] | None = None,
                     max_prompt_len: int = 0, max_response_len: int = 0
                     ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """Comparisons -> rows BOS prompt response [EOS], [N, max_k, max_len].
+  """Comparisons -> rows BOS prompt response [EOS], [N, max_k, width] (width: `padded_width`).
 
   EOS follows a response only where it ended: `ended[i][j]` for sampled responses (the
   label stage's token-level truth), every written response otherwise, and never after
@@ -180,13 +195,14 @@ def reward_examples(prompt_ids: Sequence[Tokens], responses_ids: Sequence[Sequen
     raise ValueError(f'no comparison fits in max_len={max_len} '
                      f'({counts["dropped"]} of {len(prompt_ids)} dropped)')
   n = len(kept)
-  tokens = np.full((n, max_k, max_len), pad_id, np.int32)
-  mask = np.zeros((n, max_k, max_len), bool)
+  width = padded_width([len(row) for rows, _ in kept for row in rows], max_len)
+  tokens = np.full((n, max_k, width), pad_id, np.int32)
+  mask = np.zeros((n, max_k, width), bool)
   out_ranks = np.full((n, max_k), -1, np.int32)
   valid = np.zeros((n, max_k), bool)
   for i, (rows, rank) in enumerate(kept):
     k = len(rows)
-    tokens[i, :k], mask[i, :k] = _right_pad(rows, max_len, pad_id)
+    tokens[i, :k], mask[i, :k] = _right_pad(rows, width, pad_id)
     out_ranks[i, :k] = rank
     valid[i, :k] = True
   return {'tokens': tokens, 'mask': mask, 'ranks': out_ranks, 'valid': valid,

@@ -20,6 +20,6 @@ def run(ctx) -> dict:
       ctx, "sft", cfg.sft, model=model, loss_fn=loss, eval_loss=eval_loss,
       train_arrays=train, eval_arrays=evals,
       init_params=lambda: common.base_params(ctx, model),
-      tokens_per_example=cfg.data.max_len, base=common.base_source(ctx))
+      tokens_per_example=train["tokens"].shape[1], base=common.base_source(ctx))
   summary.update(stats)
   return summary
