@@ -3,6 +3,7 @@ reward, and the real pipeline end to end (test config, a subprocess)."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import time
 
@@ -170,14 +171,23 @@ def _numbers(obj):
       yield from _numbers(v)
 
 
-def test_whole_pipeline_end_to_end(tmp_path):
+@pytest.mark.xdist_group("reference_run")  # the worker that holds the every-stage reference run
+def test_whole_pipeline_end_to_end(tmp_path, tmp_path_factory):
   """All seven stages at test size: every summary finite, the report and its plots written,
-  and an interrupted best_of_k stage re-run skips its finished rounds."""
-  cmd = helpers.cli_args(tmp_path)  # the test config, the suite's compilation cache
+  and an interrupted best_of_k stage re-run skips its finished rounds. The first six stages
+  are test_reliability's uninterrupted reference run (a copy); evaluate and the report run here."""
+  from test_reliability import OVERRIDES, reference_run
+  shutil.copytree(reference_run(tmp_path_factory), tmp_path, dirs_exist_ok=True)
+  for name in ("report.md", "frontier.png", "loss_curves.png", "ppo_curves.png"):
+    if os.path.exists(tmp_path / name):
+      os.remove(tmp_path / name)
+  stages = "--config.stages=pretrain,sft,label,reward,ppo,best_of_k,evaluate"
+  cmd = helpers.cli_args(tmp_path, *OVERRIDES, stages)  # the test config, the suite's cache
   root, env = helpers.REPO, helpers.env()
   t0 = time.time()
   p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
+  assert "[evaluate] starting" in p.stdout and "[ppo] starting" not in p.stdout
   with open(tmp_path / "best_of_k" / "summary.json") as f:
     s = json.load(f)
   print(f"pipeline {time.time() - t0:.0f}s, best_of_k {s['wall_seconds']:.0f}s")

@@ -14,7 +14,9 @@ from rlhf_jax.stages import common
 from rlhf_jax.stages.policy_eval import RewardModel
 from rlhf_jax.train import sharding as sh
 from rlhf_jax.train import state as st
-from rlhf_jax.train.checkpoint import restore_item
+
+# One worker runs the module, so its module-scoped fixture runs once (pytest-xdist loadgroup).
+pytestmark = pytest.mark.xdist_group("ensemble")
 
 
 def test_aggregate_rewards_matches_numpy():

@@ -13,6 +13,9 @@ import pytest
 
 import helpers
 
+# One worker runs the module, so its module-scoped fixture runs once (pytest-xdist loadgroup).
+pytestmark = pytest.mark.xdist_group("gold_rm")
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

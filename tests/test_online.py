@@ -15,6 +15,9 @@ from experiments import ppo_vs_bok as pvb
 from rlhf_jax import config_lib
 from rlhf_jax.model.transformer import ModelConfig
 
+# One worker runs the module, so its module-scoped fixture runs once (pytest-xdist loadgroup).
+pytestmark = pytest.mark.xdist_group("online")
+
 # Shorter shared stages (their quality is not under test); PPO checkpoints every iteration
 # so a kill lands inside round 2's PPO.
 SHARED = ("--config.pretrain.steps=6", "--config.sft.steps=4", "--config.reward.steps=4",

@@ -8,6 +8,9 @@ import pytest
 
 import helpers
 
+# One worker runs the module, so its module-scoped fixture runs once (pytest-xdist loadgroup).
+pytestmark = pytest.mark.xdist_group("resume")
+
 STEPS = 30
 ARGS = ["--config.stages=pretrain", f"--config.pretrain.steps={STEPS}", "--config.pretrain.ckpt_every=5"]
 

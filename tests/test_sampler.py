@@ -10,6 +10,9 @@ from rlhf_jax.model.transformer import ModelConfig, init_cache
 from rlhf_jax.sampling import SampleConfig, generate
 from rlhf_jax.train import state as st
 
+# One worker runs the module, so its module-scoped fixture runs once (pytest-xdist loadgroup).
+pytestmark = pytest.mark.xdist_group("sampler")
+
 VOCAB, BOS, EOS, PAD = 16, 1, 2, 0
 CFG = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_len=32)
 P, N = 8, 8

@@ -16,6 +16,9 @@ from rlhf_jax.model.transformer import ModelConfig, Transformer
 from rlhf_jax.stages.common import lm_losses
 from rlhf_jax.train import state as st
 
+# One worker runs the module, so its module-scoped fixture runs once (pytest-xdist loadgroup).
+pytestmark = pytest.mark.xdist_group("sft")
+
 PAD, BOS, EOS = 0, 1, 2
 PROMPT_TOKENS = range(3, 11)  # appear only in prompts
 RESPONSE_TOKENS = range(11, 20)  # appear only in responses

@@ -13,6 +13,9 @@ import sentencepiece as spm
 from rlhf_jax.data import world
 from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
 
+# One worker runs the module, so its module-scoped fixture runs once (pytest-xdist loadgroup).
+pytestmark = pytest.mark.xdist_group("tokenizer")
+
 HH_TEXT = ("\n\nHuman: What's a good  gift?\n\nAssistant: Maybe a lamp.  Or a kettle!\t"
            "\u00e9\u00fc")
 
