@@ -131,6 +131,7 @@ def test_heads_train_in_full_and_adapters_shard_like_their_kernels(setup):
 def test_config_lora_is_validated():
   from rlhf_jax.config_lib import ConfigError, validate
   for key, value, words in (("stages", "pretrain,sft", "pretraining"), ("quant", "int4", "int4"),
+                            ("stages", "sft,online", "'online'.*the online stage trains every weight"),
                             ("targets", "qkv,nope", "nope"), ("dropout", 0.1, "dropout")):
     c = tiny.get_config("test")
     with c.unlocked():
@@ -138,6 +139,10 @@ def test_config_lora_is_validated():
       c.lora[key] = value
     with pytest.raises(ConfigError, match=f"config.lora.{key}:.*{words}"):
       validate(c, 1)
+  c = tiny.get_config("test")
+  with c.unlocked():
+    c.lora.update(rank=8, stages="dpo,grpo")  # every fine-tuning stage trains adapters
+  validate(c, 1)
 
 
 def test_ppo_with_lora_raises_the_toy_reward():
