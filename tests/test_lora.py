@@ -1,5 +1,7 @@
 """LoRA / QLoRA (rlhf_jax/train/lora.py): exact at init, adapters-only training, merge,
-quantisation error, and a toy PPO run with LoRA (tests/test_ppo_toy.py's reward)."""
+quantisation error, a toy PPO run with LoRA (tests/test_ppo_toy.py's reward), and the
+GRPO / online-DPO / offline-DPO steps with LoRA (reference = the SFT base, adapters off).
+The dpo and grpo stages with LoRA end to end: tests/test_reliability.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -283,7 +285,8 @@ def test_offline_dpo_with_lora_reference_is_the_sft_model():
   dc.opt.update(lr=3e-2, warmup_steps=0)
   opt = make_optimizer(dc.opt, 10)
   t_loss = ft.loss(make_loss(model, dc))
-  step = jax.jit(lambda s, b, r, f: make_train_step(lambda t, b2, r2: t_loss(t, b2, r2, f), opt)(s, b, r))
+  step = jax.jit(lambda s, b, r, f: make_train_step(lambda t, b2, r2: t_loss(t, b2, r2, f), opt)(
+      s, b, r))
   state = {"params": trainable, "opt_state": opt.init(trainable), "step": jnp.zeros((), jnp.int32)}
   assert lora.count(state["opt_state"]) == 2 * lora.count(trainable) + lora.count(opt.init({}))
   state, m = step(state, pairs, jax.random.key(0), frozen)

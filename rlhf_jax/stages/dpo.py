@@ -187,8 +187,9 @@ def run(ctx) -> dict:
   summary, state = common.train_supervised(
       ctx, "dpo", dc, model=model, loss_fn=loss, eval_loss=loss, train_arrays=train,
       eval_arrays=evals, base="sft",
-      # LoRA: the SFT params are the frozen base as they are (never donated: no copy).
-      init_params=lambda: sft_params if ft.lora else jax.jit(lambda p: jax.tree.map(jnp.copy, p))(sft_params),
+      # A copy to donate; LoRA: the SFT params are the frozen base as they are (no copy).
+      init_params=lambda: sft_params if ft.lora else jax.jit(lambda p: jax.tree.map(jnp.copy, p))(
+          sft_params),
       tokens_per_example=2 * cfg.data.max_len, extra_eval=lambda p, step: evaluator.evaluate(p, {"policy": "dpo", "iteration": step}))
   sft_eval = evaluator.evaluate(sft_params, {"policy": "sft"})
   c = compute(cfg, ctx.model_cfg, len(train["ref_chosen"]))
