@@ -54,11 +54,13 @@ def model(**kw) -> mlc.ConfigDict:
   return mlc.ConfigDict(base)
 
 
-LORA_STAGES = ("sft", "reward", "ppo", "best_of_k")  # dpo and grpo train in full (not yet wired)
+# Stages that can train adapters; pretraining has no base to adapt, and the online stage
+# trains every weight (stages/online.py).
+LORA_STAGES = ("sft", "reward", "ppo", "best_of_k", "dpo", "grpo")
 
 
 def lora(rank: int = 0, alpha: float = 16.0, dropout: float = 0.0, targets: str = "qkv,o,wi,down",
-         stages: str = "sft,reward,ppo,best_of_k", quant: str = "none", block_size: int = 64,
+         stages: str = "sft,reward,ppo,best_of_k,dpo,grpo", quant: str = "none", block_size: int = 64,
          lr_scale: float = 10.0, sampling: str = "merge") -> mlc.ConfigDict:
   """LoRA (Hu et al. 2021) / QLoRA (Dettmers et al. 2023); rank 0 = full fine-tuning.
 
@@ -66,8 +68,8 @@ def lora(rank: int = 0, alpha: float = 16.0, dropout: float = 0.0, targets: str 
   train adapters instead of every weight; quant: how the frozen base is stored (none |
   bfloat16 | int8 | nf4, block-wise absmax over block_size values); lr_scale: multiplies a
   LoRA stage's learning rate (adapters want a larger one, Hu et al. 2021 sec. 5);
-  sampling: PPO rollouts on weights with the adapters merged once per iteration (merge)
-  or applied in every decode step (on_the_fly). See docs/lora.md."""
+  sampling: PPO / GRPO / online DPO rollouts on weights with the adapters merged once per
+  iteration (merge) or applied in every decode step (on_the_fly). See docs/lora.md."""
   return mlc.ConfigDict(dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets,
                              stages=stages, quant=quant, block_size=block_size,
                              lr_scale=lr_scale, sampling=sampling))
@@ -232,7 +234,7 @@ def _validate_lora(config) -> None:
   for s in (s.strip() for s in lc.stages.split(",") if s.strip()):
     if s not in LORA_STAGES:
       _fail("lora.stages", f"{s!r} cannot train adapters; choose from {','.join(LORA_STAGES)} "
-            "(pretraining has no base to adapt)")
+            "(pretraining has no base to adapt; the online stage trains every weight)")
   _choice(config, "lora.quant", QUANT)
   _choice(config, "lora.sampling", ("merge", "on_the_fly"))
   _positive(config, "lora.block_size")

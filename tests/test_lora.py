@@ -1,5 +1,7 @@
 """LoRA / QLoRA (rlhf_jax/train/lora.py): exact at init, adapters-only training, merge,
-quantisation error, and a toy PPO run with LoRA (tests/test_ppo_toy.py's reward)."""
+quantisation error, a toy PPO run with LoRA (tests/test_ppo_toy.py's reward), and the
+GRPO / online-DPO / offline-DPO steps with LoRA (reference = the SFT base, adapters off).
+The dpo and grpo stages with LoRA end to end: tests/test_reliability.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,6 +133,7 @@ def test_heads_train_in_full_and_adapters_shard_like_their_kernels(setup):
 def test_config_lora_is_validated():
   from rlhf_jax.config_lib import ConfigError, validate
   for key, value, words in (("stages", "pretrain,sft", "pretraining"), ("quant", "int4", "int4"),
+                            ("stages", "sft,online", "'online'.*the online stage trains every weight"),
                             ("targets", "qkv,nope", "nope"), ("dropout", 0.1, "dropout")):
     c = tiny.get_config("test")
     with c.unlocked():
@@ -138,6 +141,10 @@ def test_config_lora_is_validated():
       c.lora[key] = value
     with pytest.raises(ConfigError, match=f"config.lora.{key}:.*{words}"):
       validate(c, 1)
+  c = tiny.get_config("test")
+  with c.unlocked():
+    c.lora.update(rank=8, stages="dpo,grpo")  # every fine-tuning stage trains adapters
+  validate(c, 1)
 
 
 def test_ppo_with_lora_raises_the_toy_reward():
@@ -181,3 +188,107 @@ def test_ppo_with_lora_raises_the_toy_reward():
   assert np.mean(scores[-3:]) > scores[0] + 0.25, scores
   assert float(m["kl"]) > 0
   assert lora.count(state["params"]) < 0.5 * lora.count(sft)  # rank 8 of d=32: 35%
+
+
+SMALL = ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64,
+                    max_len=16)  # test_grpo's model: one layer, seconds to compile
+
+
+def _adapters_only_moved(new, fresh, frozen, before):
+  """The frozen base is bit-identical to the SFT params; the trainable part is adapters
+  only, and every B (zero at init) moved."""
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, frozen), before)
+  assert set(new) == {"adapters"} and jax.tree.structure(new) == jax.tree.structure(fresh)
+  bs = [ab["b"] for ab in jax.tree.leaves(new["adapters"], is_leaf=lambda x: "b" in x)]
+  assert bs and all(float(jnp.max(jnp.abs(b))) > 0 for b in bs)
+
+
+def test_grpo_and_online_dpo_with_lora_train_adapters_against_the_sft_base():
+  """GRPO (and online DPO) through their real steps with LoRA views: only adapters train
+  (optimizer state for adapters only), the frozen SFT base stays bit-identical, and the
+  reference log-probs are the SFT model's while the policy has moved."""
+  from test_grpo import toy_score
+  from rlhf_jax.sampling import SampleConfig
+  from rlhf_jax.stages import common, grpo, online_dpo
+  from rlhf_jax.stages.rollout import response_logprobs
+  model = st.make_model(SMALL)
+  sft = st.init_params(model, jax.random.key(0))
+  before = jax.tree.map(np.asarray, sft)
+  ft = lora.FineTune(model, lora.LoraSpec(rank=4, alpha=8.0))
+  views = common.lora_views(ft, "merge")
+  fresh = ft.init_trainable(sft, jax.random.key(1))
+  frozen = {"ref": ft.store(sft)}  # unquantised: the SFT params themselves, one copy
+  sc = SampleConfig(max_new_tokens=8, eos_id=3, pad_id=0, temperature=1.0)
+  prompts = lambda i: {"prompt": jax.random.randint(jax.random.key(100 + i), (8, 4), 4, 16),
+                       "prompt_mask": jnp.ones((8, 4), bool), "index": jnp.arange(8)}
+
+  gc = tiny.get_config("test").grpo.copy_and_resolve_references()
+  gc.update(prompts_per_iteration=8, k=2, minibatches=2, epochs=1, response_len=8, kl_coef=0.01,
+            use_eos_penalty=False)
+  gc.opt.update(lr=3e-2)
+  opt = make_optimizer(gc.opt, 10)
+  it = grpo.make_iteration(ft.model, opt, gc, sc, 4, score_fn=toy_score, views=views)
+  state = {"params": fresh, "opt_state": opt.init(fresh), "step": jnp.zeros((), jnp.int32),
+           "skipped": jnp.zeros((), jnp.int32)}
+  # AdamW's two moments of each adapter weight and nothing of the base (+ its counters).
+  assert lora.count(state["opt_state"]) == 2 * lora.count(fresh) + lora.count(opt.init({}))
+  state, m = jax.jit(it)(state, frozen, prompts(0), jax.random.key(0))
+  assert bool(m["finite_grads"]) and float(m["kl"]) == 0.0  # rolled out at B = 0: policy = ref
+  _adapters_only_moved(state["params"], fresh, frozen["ref"], before)
+  # The iteration's scoring pass on fixed sequences (no second sampler to compile).
+  tokens = jax.random.randint(jax.random.key(5), (8, 12), 4, 16)
+  g = {"tokens": tokens, "mask": jnp.ones((8, 12), bool), "response": tokens[:, 4:],
+       "response_mask": jnp.ones((8, 8), bool), "ended": jnp.ones((8,), bool)}
+  ro = jax.jit(it.score)(state, frozen, g)
+  sft_logp = jax.jit(lambda p: response_logprobs(model, p, tokens, g["mask"], 4, 1.0)[1])(sft)
+  np.testing.assert_array_equal(np.asarray(ro["ref_logp"]), np.asarray(sft_logp))
+  assert float(jnp.max(jnp.abs(ro["old_logp"] - ro["ref_logp"]))) > 1e-3  # the policy moved
+
+  dc = tiny.get_config("test").dpo.copy_and_resolve_references()
+  dc.update(beta=0.1, batch_size=8, response_len=8)
+  dc.opt.update(lr=3e-2, warmup_steps=0)
+  opt = make_optimizer(dc.opt, 10)
+  rc = tiny.get_config("test").ppo.copy_and_resolve_references()
+  rc.use_eos_penalty = False
+  step = jax.jit(online_dpo.make_step(ft.model, opt, dc, rc, sc, 4, score_fn=toy_score, views=views))
+  state = {"params": fresh, "opt_state": opt.init(fresh), "step": jnp.zeros((), jnp.int32),
+           "skipped": jnp.zeros((), jnp.int32)}
+  for i in range(2):
+    state, m = step(state, frozen, prompts(i), jax.random.key(i))
+  _adapters_only_moved(state["params"], fresh, frozen["ref"], before)
+  assert float(m["kl"]) > 0  # step 2 rolls out the moved policy, KL to the SFT base
+
+
+def test_offline_dpo_with_lora_reference_is_the_sft_model():
+  """Offline DPO's reference log-probs from the LoRA base with adapters switched off equal
+  the SFT model's (bit for bit), also for a QLoRA base within its quantisation error;
+  a step trains adapters only."""
+  from test_dpo import _toy_pairs
+  from rlhf_jax.stages.dpo import make_loss, sequence_logps
+  model = st.make_model(SMALL)
+  sft = st.init_params(model, jax.random.key(0))
+  before = jax.tree.map(np.asarray, sft)
+  pairs = _toy_pairs(np.random.default_rng(0), 16)
+  logp = jax.jit(lambda m, p: sequence_logps(m, p, pairs["chosen_tokens"], pairs["chosen_mask"],
+                                             pairs["chosen_loss_mask"]), static_argnums=0)
+  sft_lp = logp(model, sft)
+  ft = lora.FineTune(model, lora.LoraSpec(rank=4, alpha=8.0))
+  trainable, frozen = ft.split(sft, jax.random.key(1))
+  np.testing.assert_array_equal(np.asarray(logp(ft.model, ft.base_view(frozen))), np.asarray(sft_lp))
+  q = lora.FineTune(model, lora.LoraSpec(rank=4, alpha=8.0, quant="int8"))
+  q_lp = logp(q.model, q.base_view(q.store(sft)))
+  assert 0 < float(jnp.max(jnp.abs(q_lp - sft_lp))) < 0.05 * float(jnp.max(jnp.abs(sft_lp)))
+  for side in ("chosen", "rejected"):
+    pairs[f"ref_{side}"] = sequence_logps(model, sft, pairs[f"{side}_tokens"], pairs[f"{side}_mask"],
+                                          pairs[f"{side}_loss_mask"])
+  dc = tiny.get_config("test").dpo.copy_and_resolve_references()
+  dc.opt.update(lr=3e-2, warmup_steps=0)
+  opt = make_optimizer(dc.opt, 10)
+  t_loss = ft.loss(make_loss(model, dc))
+  step = jax.jit(lambda s, b, r, f: make_train_step(lambda t, b2, r2: t_loss(t, b2, r2, f), opt)(
+      s, b, r))
+  state = {"params": trainable, "opt_state": opt.init(trainable), "step": jnp.zeros((), jnp.int32)}
+  assert lora.count(state["opt_state"]) == 2 * lora.count(trainable) + lora.count(opt.init({}))
+  state, m = step(state, pairs, jax.random.key(0), frozen)
+  assert float(m["loss"]) == pytest.approx(np.log(2), abs=1e-6)  # policy = reference at step 0
+  _adapters_only_moved(state["params"], trainable, frozen, before)

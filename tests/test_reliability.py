@@ -465,6 +465,46 @@ def test_dpo_and_grpo_land_on_the_frontier(reference, tmp_path):
   assert {"dpo", "grpo"} <= set(ev["frontier"]), list(ev["frontier"])
 
 
+def test_dpo_and_grpo_with_lora_store_adapters_that_merge_onto_sft(reference, tmp_path):
+  """config.lora in dpo and grpo (in process, from the reference run's SFT): the summaries
+  count only adapters as trainable, the checkpoints hold adapters naming SFT as their base,
+  and load_params returns merged weights in which every weight without an adapter is SFT's,
+  bit for bit, and every adapted kernel moved."""
+  import jax
+  from configs import tiny
+  from rlhf_jax import pipeline
+  from rlhf_jax.stages import common
+  from rlhf_jax.train import sharding as sh
+  from rlhf_jax.train import state as st
+  wd = copy_before(reference, "dpo", tmp_path / "wd")
+  cfg = tiny.get_config("test").copy_and_resolve_references()
+  cfg.stages, cfg.compile_cache = "dpo,grpo", ""
+  cfg.lora.update(rank=4, stages="dpo,grpo")
+  cfg.dpo.update(steps=1, eval_every=1, ckpt_every=1)  # one step moves every adapter
+  # No EOS penalty: the tiny SFT policy rarely ends, and equal penalised scores in every
+  # group would leave no advantage (and no gradient) in one iteration.
+  cfg.grpo.update(iterations=1, eval_every=1, ckpt_every=1, use_eos_penalty=False)
+  for c in (cfg.dpo, cfg.grpo):  # warmup would make the first step's learning rate 0
+    c.opt.warmup_steps = 0
+  pipeline.run(cfg, wd)
+  ctx = pipeline.Context(cfg, wd, sh.make_mesh(cfg.mesh))
+  model = st.make_model(ctx.model_cfg, ctx.mesh)
+  sft, _ = common.load_params(ctx, "sft", model)
+  for stage in ("dpo", "grpo"):
+    s = h.read_json(os.path.join(wd, stage, "summary.json"))
+    assert 0 < s["trainable_params"] < 0.2 * s["params"], (stage, s["trainable_params"], s["params"])
+    saved = h.restore_all(os.path.join(wd, stage))["arrays"]
+    assert all(k.startswith(("params['adapters']", "opt_state", "scalars")) for k in saved), stage
+    merged, meta = common.load_params(ctx, stage, model)
+    assert meta["lora"]["base"] == "sft" and meta["lora"]["rank"] == 4
+    for (path, m), f in zip(jax.tree_util.tree_flatten_with_path(merged)[0], jax.tree.leaves(sft)):
+      names = [getattr(k, "key", "") for k in path]
+      if names[-1] == "kernel" and names[-2] in ("qkv", "o", "wi", "down"):
+        assert np.abs(np.asarray(m) - np.asarray(f)).max() > 0, (stage, names)
+      else:
+        np.testing.assert_array_equal(np.asarray(m), np.asarray(f), err_msg=f"{stage} {names}")
+
+
 def test_at_least_ten_kills_all_resumed_exactly():
   kills = RECORD["kills"]
   if len(RECORD["chains"]) < 5:

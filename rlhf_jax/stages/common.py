@@ -18,6 +18,7 @@ import numpy as np
 
 from rlhf_jax.data.batching import Batcher
 from rlhf_jax.data.sources import stream_seed
+from rlhf_jax.model.transformer import DTYPES
 from rlhf_jax.train import ensemble as ens
 from rlhf_jax.train import lora
 from rlhf_jax.train import sharding as sh
@@ -130,6 +131,56 @@ def fine_tune(ctx, stage: str, model, heads=()) -> lora.FineTune:
   scalar head) on a frozen, possibly quantised base. Stages only use the FineTune's
   trainable/frozen split and do not know which method made it."""
   return lora.FineTune(model, lora.spec_from_config(ctx.config.get("lora"), stage, heads))
+
+
+class Views:
+  """Which params each model of an RL step is applied with (ppo_step, grpo, online DPO).
+  Full fine-tuning passes them as they are; LoRA (`lora_views`) joins the trainable
+  adapters to a frozen base in `frozen` (the reference IS the policy's base; PPO's critic
+  may sit on the reward model's). policy/critic(trainable, frozen); ref/reward(frozen);
+  rollout(trainable, frozen): the weights the sampler decodes with."""
+  policy = staticmethod(lambda t, f: t)
+  critic = staticmethod(lambda t, f: t)
+  rollout = staticmethod(lambda t, f: t)
+  ref = staticmethod(lambda f: f["ref"])
+  reward = staticmethod(lambda f: f["reward"])
+
+
+def lora_views(policy_ft: lora.FineTune, sampling: str):
+  """Views for LoRA: one frozen SFT base (`frozen["ref"]`, stored as `policy_ft.store`
+  stores it: quantised for QLoRA) serves the policy (with adapters) and the reference
+  (adapters switched off); PPO's critic adapters sit on the frozen reward model. Rollouts
+  decode with the adapters merged once per iteration (`merge`) or applied in every decode
+  step (`on_the_fly`), config.lora.sampling; docs/performance.md has the bench of both."""
+  spec, off = policy_ft.spec, policy_ft.base_view
+  dt = DTYPES[policy_ft.model.cfg.dtype]
+  # The merged copy in the compute dtype, as the sampler would cast it: half the bytes.
+  cast = lambda x: x.astype(dt) if x.ndim >= 2 and x.dtype == jnp.float32 else x
+
+  class LoraViews(Views):
+    policy = staticmethod(lambda t, f: lora.apply_params(t, f["ref"]))
+    critic = staticmethod(lambda t, f: lora.apply_params(t, f["reward"]))
+    ref = staticmethod(lambda f: off(f["ref"]))
+    reward = staticmethod(lambda f: off(f["reward"]))
+    rollout = staticmethod(
+        (lambda t, f: jax.tree.map(cast, lora.merged_params(t, f["ref"], spec)))
+        if sampling == "merge"
+        else (lambda t, f: lora.apply_params(t, f["ref"])))
+  return LoraViews
+
+
+def policy_views(ctx, ft: lora.FineTune):
+  """The Views an RL stage's step takes for its fine-tuning method."""
+  return lora_views(ft, ctx.config.lora.sampling) if ft.lora else Views
+
+
+def start_policy(ctx, name: str, ft: lora.FineTune, params):
+  """The trainable part an RL stage starts from: fresh adapters (B = 0, so the policy
+  starts exactly at `params`) whose frozen base is `params`, or, full fine-tuning, a fresh
+  copy of `params` (the state is donated every step; the frozen reference is not)."""
+  if ft.lora:
+    return ft.init_trainable(params, jax.random.fold_in(ctx.key(name), 2**31 - 1))
+  return jax.jit(lambda p: jax.tree.map(jnp.copy, p))(params)
 
 
 def stage_opt(ctx, opt_cfg, ft: lora.FineTune):

@@ -10,7 +10,9 @@ is `losses.dpo_loss` (DPO / cDPO / IPO by config). Evaluation: held-out pairs
 (loss, implicit-reward accuracy and margins) plus the shared PolicyEvaluator on
 the held-out prompts (gold, proxy, KL from SFT, win rate), so DPO's points land
 on the same frontier as PPO's. `dpo.online=True` samples and ranks fresh pairs each
-step instead (`stages/online_dpo.py`).
+step instead (`stages/online_dpo.py`). With config.lora (stage "dpo", offline or online)
+the policy trains LoRA adapters on the frozen SFT weights and the reference is that base
+with the adapters switched off (`FineTune.base_view`).
 """
 from __future__ import annotations
 
@@ -166,9 +168,15 @@ def run(ctx) -> dict:
   reward = RewardModel(ctx, model)
   sft_params, _ = common.load_params(ctx, "sft", model)
   train, evals, counts = load_pairs(ctx, dc)
+  # LoRA (config.lora): train_supervised trains adapters on the frozen SFT weights; the
+  # reference is that base with adapters switched off, as stored (QLoRA: quantised), so
+  # the policy starts exactly at the reference (every implicit reward 0 at step 0).
+  ft = common.fine_tune(ctx, "dpo", model)
+  ref = ft.base_view(ft.store(sft_params))
   # Deterministic (same params, same batches), so a resumed run recomputes the same values.
-  train.update(reference_logps(ctx, model, sft_params, train, dc.batch_size))
-  evals.update(reference_logps(ctx, model, sft_params, evals, dc.batch_size))
+  train.update(reference_logps(ctx, ft.model, ref, train, dc.batch_size))
+  evals.update(reference_logps(ctx, ft.model, ref, evals, dc.batch_size))
+  del ref  # a QLoRA stage's quantised copy; train_supervised stores its own
   print(f"[dpo] {len(train['ref_chosen'])} training pairs, {len(evals['ref_chosen'])} held out; "
         f"reference log-probs computed once", flush=True)
   log = SampleLog.for_stage(ctx, "dpo", common.checkpointer(ctx, "dpo").latest_step() or 0)
@@ -178,7 +186,10 @@ def run(ctx) -> dict:
   loss = make_loss(model, dc)
   summary, state = common.train_supervised(
       ctx, "dpo", dc, model=model, loss_fn=loss, eval_loss=loss, train_arrays=train,
-      eval_arrays=evals, init_params=lambda: jax.jit(lambda p: jax.tree.map(jnp.copy, p))(sft_params),
+      eval_arrays=evals, base="sft",
+      # A copy to donate; LoRA: the SFT params are the frozen base as they are (no copy).
+      init_params=lambda: sft_params if ft.lora else jax.jit(lambda p: jax.tree.map(jnp.copy, p))(
+          sft_params),
       tokens_per_example=2 * cfg.data.max_len, extra_eval=lambda p, step: evaluator.evaluate(p, {"policy": "dpo", "iteration": step}))
   sft_eval = evaluator.evaluate(sft_params, {"policy": "sft"})
   c = compute(cfg, ctx.model_cfg, len(train["ref_chosen"]))

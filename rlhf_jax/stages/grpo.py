@@ -15,6 +15,10 @@ field of config.grpo:
              reward: - beta * sum_t k1_t in the sequence reward (InstructGPT's penalty,
              summed over the response because the whole response is one action, as in RLOO)
   loss_agg   token (DAPO) | sequence (GRPO) | constant (Dr. GRPO), `rl.aggregate`
+
+With config.lora (stage "grpo"), the policy trains LoRA adapters on the frozen SFT
+weights, and the reference is those weights with the adapters switched off
+(`common.lora_views`, as in PPO): one copy of the base.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from rlhf_jax.stages import common
 from rlhf_jax.stages.policy_eval import (PolicyEvaluator, RewardModel, SampleLog, decode_responses,
                                          sample_config)
 from rlhf_jax.stages.rollout import eval_points, policy_figures, response_logprobs, sequence_scores
+from rlhf_jax.train import lora
 from rlhf_jax.train import sharding as sh
 from rlhf_jax.train import state as st
 from rlhf_jax.train.loop import train_loop
@@ -37,35 +42,42 @@ from rlhf_jax.train.optim import make_optimizer
 from rlhf_jax.train.step import accumulate_grads, apply_update
 
 
-def make_iteration(model, optimizer, gc, sc, prompt_len: int, score_fn=None):
+def make_iteration(model, optimizer, gc, sc, prompt_len: int, score_fn=None, views=common.Views):
   """One GRPO-family iteration `(state, frozen, batch, rng) -> (state, metrics)`, pure.
 
   gc: config.grpo; sc: SampleConfig; batch: prompt [B, P], prompt_mask, index;
   frozen: ref params, and `RewardModel.frozen`'s (reward params / gain / bias; an ensemble's
   aggregation) unless score_fn is given
   (score_fn(tokens, mask, response, response_mask, ended) -> [B * K]).
+  views: how the trainable params and `frozen` make the policy, reference, reward model and
+  the sampler's weights (`common.lora_views` for LoRA: the reference is the policy's own
+  frozen base with adapters switched off).
   """
   if sc.top_k or sc.top_p < 1.0 or sc.min_new_tokens or sc.greedy:
     raise ValueError("GRPO rollouts sample from the full tempered policy: top_k=0, top_p=1, "
                      "min_new_tokens=0, greedy=False")
   k, temp, n_mb, beta = gc.k, gc.temperature, gc.minibatches, float(gc.kl_coef)
 
-  def rollout(state, batch, rng):
+  def rollout(state, batch, rng, frozen):
     # Group members are adjacent rows: [p0 x K, p1 x K, ...], so reshape(-1, K) is the group.
     rep = lambda x: jnp.repeat(x, k, axis=0)
-    return generate(model, state["params"], rep(batch["prompt"]), rep(batch["prompt_mask"]), rng, sc)
+    return generate(model, views.rollout(state["params"], frozen), rep(batch["prompt"]),
+                    rep(batch["prompt_mask"]), rng, sc)
 
   def score(state, frozen, g):
     tokens, mask = g["tokens"], g["mask"]
-    _, old_logp = response_logprobs(model, state["params"], tokens, mask, prompt_len, temp)
-    _, ref_logp = response_logprobs(model, frozen["ref"], tokens, mask, prompt_len, temp)
-    score, proxy, raw = sequence_scores(model, frozen, g, gc, score_fn)
+    _, old_logp = response_logprobs(model, views.policy(state["params"], frozen), tokens, mask,
+                                    prompt_len, temp)
+    _, ref_logp = response_logprobs(model, views.ref(frozen), tokens, mask, prompt_len, temp)
+    scored = frozen if score_fn is not None else {**frozen, "reward": views.reward(frozen)}
+    score, proxy, raw = sequence_scores(model, scored, g, gc, score_fn)
     return dict(tokens=tokens, mask=mask, rmask=g["response_mask"], old_logp=old_logp,
                 ref_logp=ref_logp, score=score, proxy=proxy, raw=raw, ended=g["ended"],
                 response=g["response"])
 
-  def loss_fn(params, mb, rng):
-    out, logp = response_logprobs(model, params, mb["tokens"], mb["mask"], prompt_len, temp)
+  def loss_fn(params, mb, rng, frozen):
+    out, logp = response_logprobs(model, views.policy(params, frozen), mb["tokens"], mb["mask"],
+                                  prompt_len, temp)
     rmask = mb["rmask"]
     adv = mb["adv"][:, None] * jnp.ones_like(logp)
     pg, pm = rl.policy_loss(logp, mb["old_logp"], adv, rmask, gc.clip_eps, gc.loss_agg)
@@ -78,7 +90,7 @@ def make_iteration(model, optimizer, gc, sc, prompt_len: int, score_fn=None):
       metrics["kl_loss"] = kl
     return loss, metrics
 
-  def update(state, ro, rng):
+  def update(state, ro, rng, frozen):
     rmask = ro["rmask"]
     kls = rl.kl_estimators(ro["old_logp"], ro["ref_logp"], rmask)  # per sequence
     reward = ro["score"]
@@ -95,7 +107,7 @@ def make_iteration(model, optimizer, gc, sc, prompt_len: int, score_fn=None):
     def minibatch_step(carry, idx):
       params, opt_state = carry
       mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
-      loss, grads, m = accumulate_grads(loss_fn, params, mb, rng, 1)
+      loss, grads, m = accumulate_grads(lambda p, b, r: loss_fn(p, b, r, frozen), params, mb, rng, 1)
       params, opt_state, um = apply_update(optimizer, params, opt_state, grads, loss, "skip")
       return (params, opt_state), {**m, "loss": loss, **um}
 
@@ -119,8 +131,8 @@ def make_iteration(model, optimizer, gc, sc, prompt_len: int, score_fn=None):
 
   def iteration(state, frozen, batch, rng):
     r_roll, r_perm = jax.random.split(rng)
-    ro = score(state, frozen, rollout(state, batch, r_roll))
-    new_state, m = update(state, ro, r_perm)
+    ro = score(state, frozen, rollout(state, batch, r_roll, frozen))
+    new_state, m = update(state, ro, r_perm, frozen)
     metrics = {
         "proxy_reward": jnp.mean(ro["proxy"]), "proxy_reward_raw": jnp.mean(ro["raw"]),
         "score": jnp.mean(ro["score"]), **m,
@@ -158,22 +170,29 @@ def run(ctx) -> dict:
   texts, prompts = ctx.sources.prompt_set("rl")
   prompt_len = prompts["prompt"].shape[1]
   sc = sample_config(ctx, gc.response_len, gc.temperature)
-  optimizer = make_optimizer(gc.opt, gc.iterations * gc.epochs * gc.minibatches)
-  iteration = make_iteration(model, optimizer, gc, sc, prompt_len)
-  frozen = {"ref": sft_params, **reward.frozen(ctx.mesh)}  # an ensemble: all members, aggregated
+  # LoRA (config.lora): adapters on the frozen SFT weights, which are also the reference
+  # (adapters switched off): one copy of the base, as in PPO (common.lora_views).
+  ft = common.fine_tune(ctx, "grpo", model)
+  optimizer = make_optimizer(common.stage_opt(ctx, gc.opt, ft),
+                             gc.iterations * gc.epochs * gc.minibatches)
+  iteration = make_iteration(ft.model, optimizer, gc, sc, prompt_len,
+                             views=common.policy_views(ctx, ft))
+  # The reward model (an ensemble: all members, aggregated), stored as the base is.
+  frozen = {"ref": ft.store(sft_params), **reward.frozen(ctx.mesh, store=ft.store)}
 
   def fresh_state(policy):
     return {"params": policy, "opt_state": optimizer.init(policy),
             "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
 
-  init_state, abstract = st.jit_init(fresh_state, st.abstract_params(model))
+  init_state, abstract = st.jit_init(fresh_state, ft.abstract_trainable())
   ckpt = common.checkpointer(ctx, "grpo")
-  meta = {**common.model_meta(ctx), **common.run_meta(ctx, gc)}
+  meta = {**common.model_meta(ctx), **common.run_meta(ctx, gc), **ft.meta("sft")}
   if ckpt.latest_step() is not None:
+    common.check_method(ckpt, meta)
     state, _ = common.resume(ckpt, abstract, "grpo", meta)
     print(f"[grpo] resuming from iteration {int(state['step'])}", flush=True)
   else:
-    state = init_state(jax.jit(lambda p: jax.tree.map(jnp.copy, p))(sft_params))
+    state = init_state(common.start_policy(ctx, "grpo", ft, sft_params))
 
   batcher = common.host_batcher(ctx, prompts, gc.prompts_per_iteration, "grpo/prompts")
   example = batcher.get(0)
@@ -202,12 +221,13 @@ def run(ctx) -> dict:
       step_fn=lambda s, b, r: compiled(s, frozen, b, r), get_batch=batcher.get,
       total_steps=gc.iterations, key=ctx.key("grpo"), mesh=ctx.mesh, ckpt=ckpt,
       meta_fn=lambda s: {**meta, "data_position": s}, log_every=gc.log_every,
-      ckpt_every=gc.ckpt_every, eval_fn=lambda s: evaluator.evaluate(s["params"], tag(s)),
+      ckpt_every=gc.ckpt_every,
+      eval_fn=lambda s: evaluator.evaluate(ft.merged(s["params"], frozen["ref"]), tag(s)),
       eval_every=gc.eval_every, host_fn=host_fn, tokens_per_step=compute["tokens_sampled"],
       nonfinite=gc.nonfinite)
   ckpt.close()
   sft_eval = evaluator.evaluate(sft_params, {"policy": "sft"})
-  final = evaluator.evaluate(state["params"], tag(state))
+  final = evaluator.evaluate(ft.merged(state["params"], frozen["ref"]), tag(state))
   return {
       **policy_figures(sft_eval, final),
       "advantage": gc.advantage, "k": gc.k, "kl_mode": gc.kl_mode, "loss_agg": gc.loss_agg,
@@ -215,5 +235,6 @@ def run(ctx) -> dict:
       "tokens_sampled_per_iteration": compute["tokens_sampled"],
       "tokens_trained_per_iteration": compute["tokens_trained"],
       "flops_per_iteration": compute["flops"], "params": param_count(ctx.model_cfg),
+      "trainable_params": lora.count(abstract["params"]),
       "eval_points": eval_points(ctx.stage_dir("grpo"), sft_eval, compute),
   }

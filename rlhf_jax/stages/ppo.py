@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.model.transformer import DTYPES, flops_per_token, param_count
+from rlhf_jax.model.transformer import flops_per_token, param_count
 from rlhf_jax.stages import common
 from rlhf_jax.stages.policy_eval import (PolicyEvaluator, RewardModel, SampleLog, decode_responses,
                                          sample_config)
-from rlhf_jax.stages.ppo_step import Views, make_iteration
+from rlhf_jax.stages.common import lora_views  # noqa: F401  (ppo.lora_views: bench, tests)
+from rlhf_jax.stages.ppo_step import make_iteration
 from rlhf_jax.stages.rollout import eval_points, policy_figures
 from rlhf_jax.train import lora
 from rlhf_jax.train import sharding as sh
@@ -73,7 +74,7 @@ def train_policy(ctx, name: str, *, reward_stage: str = "reward", init_policy: s
   policy_ft = common.fine_tune(ctx, name, model, ("scalar_head",) if pc.critic == "shared" else ())
   critic_ft = common.fine_tune(ctx, name, model, ("scalar_head",))
   policy_opt, critic_opt = optimizers(pc, ctx.config.lora.lr_scale if policy_ft.lora else 1.0)
-  views = lora_views(policy_ft, ctx.config.lora.sampling) if policy_ft.lora else Views
+  views = common.policy_views(ctx, policy_ft)
   iteration = make_iteration(policy_ft.model, critic_ft.model, policy_opt, critic_opt, pc, sc,
                              prompt_len, views=views)
   # The reward model (an ensemble: every member, aggregated) as RewardModel.frozen gives it.
@@ -193,29 +194,6 @@ def optimizers(pc, lr_scale: float = 1.0):
   policy = pc.opt if lr_scale == 1.0 else _with_lr(pc.opt, pc.opt.lr * lr_scale)
   return (make_optimizer(policy, updates),
           make_optimizer(_with_lr(pc.opt, pc.critic_lr * lr_scale), updates))
-
-
-def lora_views(policy_ft, sampling: str):
-  """ppo_step.Views for LoRA: one frozen SFT base serves the policy (with adapters) and
-  the reference (without); the critic's adapters sit on the frozen reward model. Rollouts
-  decode with the adapters merged once per iteration (`merge`) or applied in every
-  decode step (`on_the_fly`); docs/performance.md has the bench of both."""
-  spec = policy_ft.spec
-  off = lambda base: lora.apply_params({"adapters": {}}, base)  # adapters switched off
-  dt = DTYPES[policy_ft.model.cfg.dtype]
-  # The merged copy in the compute dtype, as the sampler would cast it: half the bytes.
-  cast = lambda x: x.astype(dt) if x.ndim >= 2 and x.dtype == jnp.float32 else x
-
-  class LoraViews(Views):
-    policy = staticmethod(lambda t, f: lora.apply_params(t, f["ref"]))
-    critic = staticmethod(lambda t, f: lora.apply_params(t, f["reward"]))
-    ref = staticmethod(lambda f: off(f["ref"]))
-    reward = staticmethod(lambda f: off(f["reward"]))
-    rollout = staticmethod(
-        (lambda t, f: jax.tree.map(cast, lora.merged_params(t, f["ref"], spec)))
-        if sampling == "merge"
-        else (lambda t, f: lora.apply_params(t, f["ref"])))
-  return LoraViews
 
 
 def _with_lr(opt_cfg, lr):

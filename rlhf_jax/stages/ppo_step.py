@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from rlhf_jax import rl
 from rlhf_jax.losses import entropy_from_logits, lm_loss, token_logprobs
 from rlhf_jax.sampling import generate
+from rlhf_jax.stages.common import Views
 from rlhf_jax.stages.rollout import response_logprobs, sequence_scores
 from rlhf_jax.train.step import accumulate_grads, apply_update
 
@@ -32,19 +33,6 @@ from rlhf_jax.train.step import accumulate_grads, apply_update
 def _response_logits(model, params, tokens, mask, prompt_len, scalar=False):
   out = model.apply({"params": params}, tokens, mask, scalar=scalar)
   return out, out["logits"][:, prompt_len - 1:-1]
-
-
-class Views:
-  """Which params each of the four models is applied with: full fine-tuning passes
-  them as they are; LoRA (`ppo.lora_views`) joins the trainable adapters to a frozen
-  base in `frozen` (the reference IS the policy's base; the critic may sit on the
-  reward model's). policy/critic(trainable, frozen); ref/reward(frozen);
-  rollout(trainable, frozen): the weights the sampler decodes with."""
-  policy = staticmethod(lambda t, f: t)
-  critic = staticmethod(lambda t, f: t)
-  rollout = staticmethod(lambda t, f: t)
-  ref = staticmethod(lambda f: f["ref"])
-  reward = staticmethod(lambda f: f["reward"])
 
 
 def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_len: int,

@@ -352,6 +352,11 @@ class FineTune:
   def apply_params(self, trainable, frozen):
     return apply_params(trainable, frozen) if self.lora else trainable
 
+  def base_view(self, frozen):
+    """What `model.apply` takes for the frozen base with adapters switched off (a policy
+    stage's reference: the SFT weights as stored); full fine-tuning: `frozen` as is."""
+    return apply_params({"adapters": {}}, frozen) if self.lora else frozen
+
   def merged(self, trainable, frozen):
     if not self.lora:
       return trainable
