@@ -18,6 +18,9 @@ CFG = ModelConfig(vocab_size=32, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2
                   max_len=32)
 
 
+# One worker runs the module, so its module-scoped fixture runs once (pytest-xdist loadgroup).
+pytestmark = pytest.mark.xdist_group("lora")
+
 @pytest.fixture(scope="module")
 def setup():
   model = st.make_model(CFG)
