@@ -79,6 +79,7 @@ def get_config(arg=None):
 
   c.ppo = dict(
       iterations=24, rollout_batch=64, minibatches=4, epochs=2, response_len=32,
+      score_chunks=1,  # the four scoring passes over this many slices of the rollout's rows (memory)
       temperature=1.0,  # sampling temperature; log-probs use it everywhere (Huang et al. 2024)
       kl_mode="fixed",  # fixed | adaptive (Ziegler et al. 2019)
       kl_coef=0.05, kl_target=6.0,
@@ -120,6 +121,7 @@ def get_config(arg=None):
   # Critic-free RL: K samples per prompt, the group is the baseline (no value model).
   c.grpo = dict(
       iterations=24, prompts_per_iteration=16, minibatches=4, epochs=1, response_len=32,
+      score_chunks=1,  # scoring passes over this many slices of the rows (as ppo.score_chunks)
       k=4,  # samples per prompt (GRPO: 64, Shao et al. 2024; RLOO: 2-4, Ahmadian et al. 2024)
       temperature=1.0,  # sampling temperature, used for every log-prob (Huang et al. 2024)
       advantage="grpo",  # grpo: (s-mean)/std (Shao et al.) | rloo: leave-one-out (Ahmadian et
