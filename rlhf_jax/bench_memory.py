@@ -3,6 +3,7 @@ analysis (abstract shapes: nothing is allocated, so it runs on a CPU for a 7B mo
 
   python -m rlhf_jax.bench_memory --sizes 1b,7b --out bench_memory.json
   python -m rlhf_jax.bench_memory --sizes 7b --fsdp 8   # 8 (virtual CPU) devices, FSDP
+  python -m rlhf_jax.bench_memory --sizes 7b --methods lora --score_chunks 1,8
 
 Each row compiles `ppo_step.make_iteration` (rollout with the KV-cache sampler, the four
 forward passes, epochs x minibatches of policy and critic updates) exactly as
@@ -32,27 +33,33 @@ METHODS = {  # name -> (lora rank, how the frozen base is stored)
 }
 
 
-def ppo_memory_extrapolated(size: str, method: str, **kw) -> dict:
-  """`ppo_memory` at 1 and 2 layers, extrapolated linearly to the model's depth.
+def ppo_memory_extrapolated(size: str, method: str, layers=(4, 6), **kw) -> dict:
+  """`ppo_memory` at two shallow depths, extrapolated linearly to the model's depth.
 
   Compiling 32 unrolled layers x ~10 model passes takes many CPU minutes; every figure
   here (params, optimizer state, KV cache, remat-saved activations, gradients) grows
   linearly with depth and the rest (embeddings, logits) does not, so two shallow compiles
-  give the deep one's per-device bytes (labelled `extrapolated_from_layers`)."""
+  give the deep one's per-device bytes (labelled `extrapolated_from_layers`), provided the
+  peak sits in the same phase at both depths. At 1 and 2 layers it does not: the scoring
+  passes' logits (depth-independent) set the peak there, the update's backward (about 10 GB
+  per layer at 7B on CPU) from 4 layers on, so the default is 4 and 6 (7B LoRA, CPU: temp
+  48.1 / 69.7 GB at 4 / 6 layers, 10.8 GB per layer, as from 2 to 4)."""
   depth = SIZES[size]["n_layers"]
-  one, two = (ppo_memory(size, method, n_layers=n, **kw) for n in (1, 2))
-  row = dict(two, extrapolated_from_layers=[1, 2], compile_s=one["compile_s"] + two["compile_s"])
-  lin = lambda a, b: int(a + (depth - 1) * (b - a))
+  lo, hi = layers
+  one, two = (ppo_memory(size, method, n_layers=n, **kw) for n in (lo, hi))
+  row = dict(two, extrapolated_from_layers=[lo, hi], compile_s=one["compile_s"] + two["compile_s"])
+  lin = lambda a, b: int(a + (depth - lo) * (b - a) / (hi - lo))
   for k in ("params", "trainable_params", "state_bytes", "frozen_bytes"):
     row[k] = lin(one[k], two[k])
   row["per_device_bytes"] = {k: lin(one["per_device_bytes"][k], two["per_device_bytes"][k])
                              for k in one["per_device_bytes"]}
+  row["per_device_bytes_at_layers"] = {lo: one["per_device_bytes"], hi: two["per_device_bytes"]}
   return row
 
 
 def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, rollout_batch: int = 64,
                prompt_len: int = 256, response_len: int = 256, minibatches: int = 4,
-               n_layers: int | None = None) -> dict:
+               score_chunks: int = 1, n_layers: int | None = None) -> dict:
   """Compile one PPO iteration for abstract inputs; XLA's memory analysis per device."""
   import jax
   import jax.numpy as jnp
@@ -73,7 +80,9 @@ def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, ro
   mesh = sh.mesh_of((1, fsdp, 1), jax.devices()[:fsdp])
   model = st.make_model(cfg, mesh)
   pc = tiny.get_config().ppo.copy_and_resolve_references()
-  pc.update(rollout_batch=rollout_batch, minibatches=minibatches, epochs=1, response_len=response_len)
+  with pc.unlocked():  # score_chunks is optional in configs
+    pc.update(rollout_batch=rollout_batch, minibatches=minibatches, epochs=1,
+              response_len=response_len, score_chunks=score_chunks)
   spec = lora.LoraSpec(rank=rank, alpha=2.0 * rank, quant=quant) if rank else None
   policy_ft = lora.FineTune(model, spec)
   critic_ft = lora.FineTune(model, None if spec is None else
@@ -108,7 +117,7 @@ def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, ro
   return {"size": size, "method": method, "lora_rank": rank, "base_storage": quant, "remat": remat,
           "fsdp": fsdp, "devices": f"{fsdp} x {jax.devices()[0].platform} (compile-only)",
           "rollout": f"{rollout_batch} x ({prompt_len} prompt + {response_len} response)",
-          "minibatches": minibatches, "params": lora.count(a_params),
+          "minibatches": minibatches, "score_chunks": score_chunks, "params": lora.count(a_params),
           "trainable_params": lora.count(a_state["params"]) + lora.count(a_state["critic_params"]),
           "state_bytes": nbytes(a_state), "frozen_bytes": nbytes(a_frozen),
           "compile_s": round(info["compile_s"], 1), "per_device_bytes": info["compiled_bytes"]}
@@ -177,10 +186,14 @@ def main(argv=None):
   ap.add_argument("--sizes", default="1b,7b")
   ap.add_argument("--methods", default="full,lora,qlora_nf4")
   ap.add_argument("--remat", default="full")
+  ap.add_argument("--score_chunks", default="1",
+                  help="comma-separated ppo.score_chunks values (rows of the scoring passes at a time)")
+  ap.add_argument("--minibatches", type=int, default=4, help="ppo.minibatches (rows per update: 64 / it)")
   ap.add_argument("--fsdp", type=int, default=1, help="devices on the fsdp axis (CPU: virtual)")
   ap.add_argument("--sampling", action="store_true", help="also time merge vs on-the-fly rollouts")
   ap.add_argument("--exact", action="store_true",
-                  help="compile every layer (slow on CPU) instead of extrapolating from 1 and 2")
+                  help="compile every layer (slow on CPU) instead of extrapolating")
+  ap.add_argument("--layers", default="4,6", help="the two depths to extrapolate from")
   ap.add_argument("--out", default="")
   a = ap.parse_args(argv)
   if a.fsdp > 1 and "XLA_FLAGS" not in os.environ:
@@ -193,13 +206,16 @@ def main(argv=None):
   for size in a.sizes.split(","):
     for method in a.methods.split(","):
       for remat in a.remat.split(","):
-        fn = ppo_memory if a.exact else ppo_memory_extrapolated
-        rows.append(fn(size, method, remat=remat, fsdp=a.fsdp))
-        r = rows[-1]
-        print(json.dumps(r), flush=True)
-        if a.out:
-          with open(a.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        for chunks in map(int, a.score_chunks.split(",")):
+          kw = dict(remat=remat, fsdp=a.fsdp, score_chunks=chunks, minibatches=a.minibatches)
+          if a.exact:
+            rows.append(ppo_memory(size, method, **kw))
+          else:
+            rows.append(ppo_memory_extrapolated(size, method, tuple(map(int, a.layers.split(","))), **kw))
+          print(json.dumps(rows[-1]), flush=True)
+          if a.out:
+            with open(a.out, "w") as f:
+              json.dump(rows, f, indent=1)
   return rows
 
 

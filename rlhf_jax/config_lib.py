@@ -270,6 +270,18 @@ def _check_batch(config, key: str, value: int, multiple: int, n_processes: int) 
     _fail(key, f"{value} is not divisible by the {n_processes} processes")
 
 
+def _score_chunks(config, key: str, rows: int, dp: int) -> None:
+  """`ppo.score_chunks` / `grpo.score_chunks` (optional, default 1): the scoring passes
+  run over rows / chunks rows at a time, each chunk split over the data-parallel devices."""
+  section, field = key.split(".")
+  n = config[section].get(field, 1)
+  if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    _fail(key, f"must be a positive integer, got {n!r}")
+  if rows % (n * dp):
+    _fail(key, f"{n} chunks of the rollout's {rows} rows must each hold a multiple of the "
+          f"data-parallel size {dp} (rows % (score_chunks x {dp}) != 0)")
+
+
 def _validate_rl(config, dp: int, n_processes: int, stages=()) -> None:
   lab = config.label
   if not 2 <= lab.k <= 9:
@@ -279,6 +291,7 @@ def _validate_rl(config, dp: int, n_processes: int, stages=()) -> None:
   for key in ("iterations", "rollout_batch", "minibatches", "epochs", "response_len"):
     _positive(config, f"ppo.{key}")
   _check_batch(config, "ppo.rollout_batch", p.rollout_batch, dp * p.minibatches, n_processes)
+  _score_chunks(config, "ppo.score_chunks", p.rollout_batch, dp)
   if p.ptx_coef < 0:
     _fail("ppo.ptx_coef", f"must be >= 0, got {p.ptx_coef}")
   if p.ptx_coef > 0:
@@ -352,6 +365,7 @@ def _validate_grpo(config, dp: int, n_processes: int) -> None:
           f"data-parallel size x minibatches = {dp * g.minibatches}, and prompts_per_iteration "
           f"by the {n_processes} processes")
   _response_len(config, "grpo.response_len")
+  _score_chunks(config, "grpo.score_chunks", n, dp)
   _choice(config, "grpo.advantage", ("grpo", "rloo", "dr_grpo"))
   _choice(config, "grpo.kl_mode", ("loss", "reward"))
   _choice(config, "grpo.loss_agg", ("token", "sequence", "constant"))

@@ -19,11 +19,16 @@ def token_logprobs(logits, tokens, temperature=1.0):
   distribution the responses were actually sampled from (Huang et al. 2024,
   "The N+ implementation details of RLHF with PPO", detail on temperature).
   """
-  logits = logits[:, :-1].astype(jnp.float32) / temperature
-  logp = jax.nn.log_softmax(logits, axis=-1)
+  x = logits[:, :-1].astype(jnp.float32) / temperature
+  # log_softmax's own arithmetic ((x - max) - log sum exp(x - max), jax.nn.log_softmax),
+  # taken for the chosen token only: the max and the sum are reductions XLA fuses with the
+  # cast, so no [B, L, vocab] log-softmax is materialised.
+  x_max = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+  lse = jnp.log(jnp.sum(jnp.exp(x - x_max), axis=-1))
   # mode="clip": a PAD id equal to the vocab size (tokenizers without a PAD token) would
   # otherwise gather NaN at masked positions, and NaN * 0 is still NaN in masked sums.
-  return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1, mode="clip")[..., 0]
+  picked = jnp.take_along_axis(x, tokens[:, 1:, None], axis=-1, mode="clip")[..., 0]
+  return (picked - x_max[..., 0]) - lse
 
 
 def lm_loss(logits, tokens, loss_mask):

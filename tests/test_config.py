@@ -68,6 +68,18 @@ def test_ppo_ptx_batch_checked_only_when_ptx_is_on():
   assert _error(c, n_devices=8).startswith("config.ppo.ptx_coef:")
 
 
+def test_score_chunks_must_split_the_rollout():
+  c = _cfg()
+  with c.unlocked():  # optional keys: configs that predate them score in one pass
+    c.ppo.score_chunks = 3
+    c.grpo.score_chunks = 2
+  assert _error(c).startswith(f"config.ppo.score_chunks: 3 chunks of the rollout's {c.ppo.rollout_batch}")
+  c.ppo.score_chunks = c.ppo.rollout_batch
+  config_lib.validate(c, 1)  # one row per chunk is allowed
+  c.grpo.score_chunks = 0
+  assert _error(c).startswith("config.grpo.score_chunks: must be a positive integer")
+
+
 def test_batch_must_divide_into_grad_accum():
   c = _cfg()
   c.sft.grad_accum = 3  # batch 8

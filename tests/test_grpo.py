@@ -26,6 +26,8 @@ def test_group_baseline_raises_a_token_frequency_reward(advantage, kl_mode, agg)
   gc = tiny.get_config("test").grpo.copy_and_resolve_references()
   gc.update(prompts_per_iteration=8, k=4, minibatches=2, epochs=2, response_len=8, kl_coef=0.01,
             use_eos_penalty=False, advantage=advantage, kl_mode=kl_mode, loss_agg=agg)
+  with gc.unlocked():  # the rloo arm also scores its 32 rows in 4 chunks (grpo.score_chunks)
+    gc.score_chunks = 4 if advantage == "rloo" else 1
   gc.opt.update(lr=3e-3)
   cfg = ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64,
                     max_len=16)  # one layer: half the compile time of PPO's toy model

@@ -131,3 +131,38 @@ def test_ppo_ptx_mixes_fresh_pretraining_batches_into_every_update():
   print("ptx loss per iteration:", np.round(losses, 3))
   assert losses[0] > 1.0  # the first iteration's four updates start from about ln 16
   assert losses[-1] < 0.2 * losses[0], losses
+
+
+def test_chunked_scoring_gives_the_same_rollout_figures():
+  """ppo.score_chunks runs the four scoring passes (policy and reference log-probs, critic
+  values, reward-model score) over slices of the rollout's rows: the same figures as one
+  pass, to float32 rounding (XLA's matmuls at another batch size may round differently)."""
+  cfg = ModelConfig(vocab_size=16, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64,
+                    max_len=16)
+  model = st.make_model(cfg)
+  policy = st.init_params(model, jax.random.key(0))
+  critic = st.init_params(model, jax.random.key(1))
+  ref = jax.tree.map(lambda x: x * 1.1, policy)  # a reference that differs from the policy
+  frozen = {"ref": ref, "reward": critic, "gain": jnp.float32(1.5), "bias": jnp.float32(-0.2)}
+  state = {"params": policy, "critic_params": critic}
+  prompt = np.random.default_rng(0).integers(4, 16, (16, 4))
+  batch = {"prompt": jnp.asarray(prompt, jnp.int32), "prompt_mask": jnp.ones((16, 4), bool)}
+  sc = SampleConfig(max_new_tokens=6, eos_id=3, pad_id=0, temperature=0.8)
+  scored, g = {}, None
+  for chunks in (1, 4):
+    pc = tiny.get_config("test").ppo.copy_and_resolve_references()
+    with pc.unlocked():
+      pc.update(rollout_batch=16, minibatches=2, epochs=1, response_len=6, temperature=0.8,
+                score_chunks=chunks)
+    opt = make_optimizer(pc.opt, 10)
+    it = make_iteration(model, model, opt, opt, pc, sc, 4)
+    g = g or jax.jit(it.rollout)(state, batch, jax.random.key(3))
+    scored[chunks] = jax.jit(it.score)(state, frozen, g)
+  one, four = scored[1], scored[4]
+  assert 0.0 < float(jnp.mean(g["ended"])) < 1.0  # some rows end early: masks differ per row
+  assert not np.allclose(one["old_logp"], one["ref_logp"])  # policy and reference differ
+  for key in ("old_logp", "ref_logp", "values", "score", "proxy", "raw"):
+    a, b = np.asarray(four[key]), np.asarray(one[key])
+    print(key, "max |chunked - one pass|:", np.max(np.abs(a - b)))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=key)
+  np.testing.assert_array_equal(four["rmask"], one["rmask"])

@@ -135,7 +135,10 @@ def build_examples(prompt, prompt_mask, response, response_mask, ended, *, bos_i
   for i in np.flatnonzero(~ended):
     j = (bos_id is not None) + len(prompts[i]) + len(responses[i])  # the EOS sft_examples appended
     ex["tokens"][i, j], ex["mask"][i, j], ex["loss_mask"][i, j] = pad_id, False, 0.0
-  ex = {k: v[:, :width] for k, v in ex.items()}
+  # Exactly `width` wide, as the arms runner's compute plan assumes (arms.bok_compute): rows
+  # are not cut to the longest kept sample (batching.padded_width), so planned = spent.
+  ex = {k: np.pad(v[:, :width], ((0, 0), (0, max(0, width - v.shape[1]))),
+                  constant_values=pad_id if k == "tokens" else 0) for k, v in ex.items()}
   return ex, {"no_eos": int((~ended).sum())}
 
 

@@ -33,7 +33,8 @@ from rlhf_jax.sampling import generate
 from rlhf_jax.stages import common
 from rlhf_jax.stages.policy_eval import (PolicyEvaluator, RewardModel, SampleLog, decode_responses,
                                          sample_config)
-from rlhf_jax.stages.rollout import eval_points, policy_figures, response_logprobs, sequence_scores
+from rlhf_jax.stages.rollout import (ROW_KEYS, by_row_chunks, eval_points, policy_figures,
+                                     response_logprobs, sequence_scores)
 from rlhf_jax.train import lora
 from rlhf_jax.train import sharding as sh
 from rlhf_jax.train import state as st
@@ -57,6 +58,7 @@ def make_iteration(model, optimizer, gc, sc, prompt_len: int, score_fn=None, vie
     raise ValueError("GRPO rollouts sample from the full tempered policy: top_k=0, top_p=1, "
                      "min_new_tokens=0, greedy=False")
   k, temp, n_mb, beta = gc.k, gc.temperature, gc.minibatches, float(gc.kl_coef)
+  n_chunks = int(gc.get("score_chunks", 1))
 
   def rollout(state, batch, rng, frozen):
     # Group members are adjacent rows: [p0 x K, p1 x K, ...], so reshape(-1, K) is the group.
@@ -65,15 +67,19 @@ def make_iteration(model, optimizer, gc, sc, prompt_len: int, score_fn=None, vie
                     rep(batch["prompt_mask"]), rng, sc)
 
   def score(state, frozen, g):
-    tokens, mask = g["tokens"], g["mask"]
-    _, old_logp = response_logprobs(model, views.policy(state["params"], frozen), tokens, mask,
-                                    prompt_len, temp)
-    _, ref_logp = response_logprobs(model, views.ref(frozen), tokens, mask, prompt_len, temp)
-    scored = frozen if score_fn is not None else {**frozen, "reward": views.reward(frozen)}
-    score, proxy, raw = sequence_scores(model, scored, g, gc, score_fn)
-    return dict(tokens=tokens, mask=mask, rmask=g["response_mask"], old_logp=old_logp,
-                ref_logp=ref_logp, score=score, proxy=proxy, raw=raw, ended=g["ended"],
-                response=g["response"])
+    policy, ref = views.policy(state["params"], frozen), views.ref(frozen)
+    reward = frozen if score_fn is not None else {**frozen, "reward": views.reward(frozen)}
+
+    def rows(r):  # over grpo.score_chunks slices of the rows at a time, as ppo_step's
+      tokens, mask = r["tokens"], r["mask"]
+      _, old_logp = response_logprobs(model, policy, tokens, mask, prompt_len, temp)
+      _, ref_logp = response_logprobs(model, ref, tokens, mask, prompt_len, temp)
+      score, proxy, raw = sequence_scores(model, reward, r, gc, score_fn)
+      return dict(old_logp=old_logp, ref_logp=ref_logp, score=score, proxy=proxy, raw=raw)
+
+    scored = by_row_chunks(rows, n_chunks, {key: g[key] for key in ROW_KEYS})
+    return dict(tokens=g["tokens"], mask=g["mask"], rmask=g["response_mask"], ended=g["ended"],
+                response=g["response"], **scored)
 
   def loss_fn(params, mb, rng, frozen):
     out, logp = response_logprobs(model, views.policy(params, frozen), mb["tokens"], mb["mask"],

@@ -39,8 +39,8 @@ The online stage trains every weight (config.lora does not apply to it).
 
 Compute (`refresh_compute`, PPO's conventions in `ppo.compute_per_iteration`):
 labelling one forward per prompt+response token of each sample; RM training 3
-forwards per trained token (K responses x data.max_len per comparison, padding
-included); normalisation sample + score. Round 0 is shared, not counted (as for ppo).
+forwards per trained token (K responses x the padded row width per comparison,
+padding included: `batching.padded_width` of prompt_len + response_len); normalisation sample + score. Round 0 is shared, not counted (as for ppo).
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import pipeline
+from rlhf_jax.data.batching import padded_width
 from rlhf_jax.data.formats import DataError
 from rlhf_jax.model.transformer import flops_per_token
 from rlhf_jax.stages import common, label, ppo, reward
@@ -62,7 +63,9 @@ def refresh_compute(cfg, model_cfg, prompts: int) -> dict:
   fwd = flops_per_token(model_cfg, seq) / 3
   samples = prompts * cfg.label.k
   norm = cfg.reward.normalize_samples
-  width = cfg.data.max_len
+  # Sampled rows are BOS + prompt + response [+ EOS] within prompt_len + response_len tokens,
+  # padded as `batching.padded_width` pads them (data.max_len only bounds it).
+  width = padded_width([cfg.data.prompt_len + cfg.ppo.response_len], cfg.data.max_len)
   trained = reward_config(cfg).steps * cfg.reward.batch_size * cfg.label.k * width
   label_flops = samples * seq * fwd
   reward_flops = trained * flops_per_token(model_cfg, width) + 2 * norm * seq * fwd

@@ -26,7 +26,7 @@ from rlhf_jax import rl
 from rlhf_jax.losses import entropy_from_logits, lm_loss, token_logprobs
 from rlhf_jax.sampling import generate
 from rlhf_jax.stages.common import Views
-from rlhf_jax.stages.rollout import response_logprobs, sequence_scores
+from rlhf_jax.stages.rollout import ROW_KEYS, by_row_chunks, response_logprobs, sequence_scores
 from rlhf_jax.train.step import accumulate_grads, apply_update
 
 
@@ -53,30 +53,37 @@ def make_iteration(model, critic_model, policy_opt, critic_opt, pc, sc, prompt_l
   shared = pc.critic == "shared"
   temp = pc.temperature
   n_mb = pc.minibatches
+  n_chunks = int(pc.get("score_chunks", 1))
 
   def rollout(state, batch, rng, frozen=None):
     return generate(model, views.rollout(state["params"], frozen), batch["prompt"],
                     batch["prompt_mask"], rng, sc)
 
   def score(state, frozen, g):
-    """The four forward passes over a rollout: policy, reference, critic, reward."""
-    tokens, mask, rmask = g["tokens"], g["mask"], g["response_mask"]
-    # Recompute the old log-probs with the training forward pass (the sampler's agree
-    # to float tolerance; the update's ratio must start at exactly 1).
-    out, old_logp = response_logprobs(model, views.policy(state["params"], frozen), tokens, mask,
-                                      prompt_len, temp, scalar=shared)
-    _, ref_logp = response_logprobs(model, views.ref(frozen), tokens, mask, prompt_len, temp)
-    if shared:
-      values = out["scalar"][:, prompt_len - 1:-1]
-    else:
-      values = critic_model.apply({"params": views.critic(state["critic_params"], frozen)},
-                                  tokens, mask, logits=False,
-                                  scalar=True)["scalar"][:, prompt_len - 1:-1]
-    score, proxy, raw = sequence_scores(model, {**frozen, "reward": views.reward(frozen)}, g, pc,
-                                        score_fn)
-    return dict(tokens=tokens, mask=mask, rmask=rmask, old_logp=old_logp, ref_logp=ref_logp,
-                values=values, score=score, proxy=proxy, raw=raw, ended=g["ended"],
-                response=g["response"])
+    """The four forward passes over a rollout: policy, reference, critic, reward, over
+    `ppo.score_chunks` slices of its rows at a time (rollout.by_row_chunks: the same
+    figures, a fraction of the activations and logits)."""
+    def rows(r):
+      tokens, mask = r["tokens"], r["mask"]
+      # Recompute the old log-probs with the training forward pass (the sampler's agree
+      # to float tolerance; the update's ratio must start at exactly 1).
+      out, old_logp = response_logprobs(model, views.policy(state["params"], frozen), tokens, mask,
+                                        prompt_len, temp, scalar=shared)
+      _, ref_logp = response_logprobs(model, views.ref(frozen), tokens, mask, prompt_len, temp)
+      if shared:
+        values = out["scalar"][:, prompt_len - 1:-1]
+      else:
+        values = critic_model.apply({"params": views.critic(state["critic_params"], frozen)},
+                                    tokens, mask, logits=False,
+                                    scalar=True)["scalar"][:, prompt_len - 1:-1]
+      score, proxy, raw = sequence_scores(model, {**frozen, "reward": views.reward(frozen)}, r, pc,
+                                          score_fn)
+      return dict(old_logp=old_logp, ref_logp=ref_logp, values=values, score=score, proxy=proxy,
+                  raw=raw)
+
+    scored = by_row_chunks(rows, n_chunks, {k: g[k] for k in ROW_KEYS})
+    return dict(tokens=g["tokens"], mask=g["mask"], rmask=g["response_mask"], ended=g["ended"],
+                response=g["response"], **scored)
 
   def policy_loss_fn(params, mb, rng, frozen=None):
     params = views.policy(params, frozen)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses import token_logprobs
@@ -25,6 +26,33 @@ def response_logprobs(model, params, tokens, mask, prompt_len: int, temperature:
   KL estimates are taken under the distribution the rollout came from."""
   out = model.apply({"params": params}, tokens, mask, scalar=scalar)
   return out, token_logprobs(out["logits"], tokens, temperature)[:, prompt_len - 1:]
+
+
+# The sampler's outputs a scoring pass reads (`sequence_scores` and score_fn take all five).
+ROW_KEYS = ("tokens", "mask", "response", "response_mask", "ended")
+
+
+def by_row_chunks(fn, n_chunks: int, rows):
+  """fn(rows) -> pytree of per-row arrays, computed over `n_chunks` slices of the rows one
+  at a time (`jax.lax.map`), so one scoring forward's activations and [rows, T, vocab]
+  logits exist for rows / n_chunks rows instead of the whole rollout (at 7B, 64 x 512
+  tokens: 2.1 GB of bf16 logits and 4.2 GB of float32 log-probs per pass).
+
+  Every output is a function of its own row only (the four scoring passes are), so the
+  result equals one pass over all rows (float-for-float on CPU; tests/test_ppo_toy.py).
+  Chunk c holds rows c, c + n, c + 2n, ...: with rows sharded in contiguous blocks over
+  the data axes, every chunk is spread evenly over the devices and the chunk axis itself
+  is unsharded, so the loop needs no communication."""
+  if n_chunks == 1:
+    return fn(rows)
+
+  def split(x):
+    if x.shape[0] % n_chunks:
+      raise ValueError(f"{x.shape[0]} rows do not split into {n_chunks} scoring chunks")
+    return jnp.swapaxes(x.reshape(x.shape[0] // n_chunks, n_chunks, *x.shape[1:]), 0, 1)
+
+  out = jax.lax.map(fn, jax.tree.map(split, rows))
+  return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(-1, *y.shape[2:]), out)
 
 
 def sequence_scores(model, frozen, g, rc, score_fn=None):
