@@ -1,7 +1,8 @@
 """Process-level settings for running on the host CPU, applied before JAX creates its backends.
 
 `cpu_defaults()` is called by every entry point (`rlhf_jax.main`, `rlhf_jax.bench`, the
-experiment runners) and by the tests' conftest. It imports nothing heavy.
+experiment runners); the tests' conftest calls `tune_malloc()` alone (each test sets its own
+device count). It imports nothing heavy.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def cpu_only(environ=os.environ) -> bool:
   try:  # jax's PJRT plugins register as namespace modules or entry points (jax_plugins)
     import jax_plugins  # noqa: F401  pylint: disable=import-outside-toplevel
     import pkgutil  # pylint: disable=import-outside-toplevel
-    if any(True for _ in pkgutil.iter_modules(jax_plugins.__path__)):
+    if next(pkgutil.iter_modules(jax_plugins.__path__), None) is not None:
       return False
   except ImportError:
     pass
