@@ -20,7 +20,6 @@ setup(
         "absl-py>=2.0",
         "numpy>=1.26",
         "matplotlib>=3.8",
-        "tensorboardX>=2.6",
         "safetensors>=0.4",  # Hugging Face import / export
         "tqdm>=4.66",
     ],

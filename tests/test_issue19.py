@@ -200,7 +200,7 @@ def test_seed_streams_do_not_alias_across_seeds_or_names():
 _MODULES = {"jax": "jax", "flax": "flax", "optax": "optax", "orbax-checkpoint": "orbax.checkpoint",
             "sentencepiece": "sentencepiece", "tensorflow-datasets": "tensorflow_datasets",
             "array-record": "array_record", "ml-collections": "ml_collections", "absl-py": "absl",
-            "numpy": "numpy", "matplotlib": "matplotlib", "tensorboardX": "tensorboardX",
+            "numpy": "numpy", "matplotlib": "matplotlib",
             "safetensors": "safetensors", "tqdm": "tqdm", "tokenizers": "tokenizers"}
 _INDIRECT = {"array-record": "tensorflow_datasets writes and reads array_record files with it"}
 

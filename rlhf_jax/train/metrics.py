@@ -10,6 +10,8 @@ import time
 import jax
 import numpy as np
 
+from rlhf_jax.train.tb_events import ScalarWriter
+
 
 def _plain(v):
   v = np.asarray(v)
@@ -44,11 +46,7 @@ class MetricsWriter:
         f.writelines(keep)
       os.replace(tmp, self.path)
     if tensorboard:
-      try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(stage_dir, "tensorboard"))
-      except ImportError:
-        self._tb = None
+      self._tb = ScalarWriter(os.path.join(stage_dir, "tensorboard"))
 
   def write(self, step: int, metrics: dict) -> dict:
     row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
@@ -57,9 +55,8 @@ class MetricsWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     if self._tb is not None:
-      for k, v in row.items():
-        if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-          self._tb.add_scalar(k, v, step)
+      self._tb.add_scalars(step, {k: v for k, v in row.items() if k != "step"
+                                  and isinstance(v, (int, float)) and math.isfinite(v)})
     return row
 
   def close(self):
