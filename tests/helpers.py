@@ -5,6 +5,7 @@ Every child runs on CPU with the repo's persistent compilation cache
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -132,3 +133,21 @@ def restore_all(stage_dir: str, step: int | None = None) -> dict:
       out[f"{item}{jax.tree_util.keystr(keypath)}"] = np.asarray(leaf)
   mngr.close()
   return {"step": step, "arrays": out}
+
+
+def build_once(tmp_path_factory, name: str, build) -> str:
+  """A directory that `build(path)` fills once per test session, shared by the pytest-xdist
+  workers: the first worker to ask builds it under a file lock, the others wait and reuse it.
+  Tests must copy it, never write into it."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # gw0, gw1, ...: their base temps share a parent
+    root = root.parent
+  path, done = root / f"{name}_shared", root / f"{name}_shared.done"
+  with open(root / f"{name}_shared.lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      import shutil  # pylint: disable=import-outside-toplevel
+      shutil.rmtree(path, ignore_errors=True)  # a failed earlier attempt
+      build(path)
+      done.touch()
+  return str(path)

@@ -171,7 +171,6 @@ def _numbers(obj):
       yield from _numbers(v)
 
 
-@pytest.mark.xdist_group("reference_run")  # the worker that holds the every-stage reference run
 def test_whole_pipeline_end_to_end(tmp_path, tmp_path_factory):
   """All seven stages at test size: every summary finite, the report and its plots written,
   and an interrupted best_of_k stage re-run skips its finished rounds. The first six stages

@@ -26,11 +26,6 @@ import pytest
 import helpers as h
 from test_reliability import OVERRIDES, assert_same_stage, copy_before, reference_run
 
-# Its own pytest-xdist group, not test_reliability's: the reference run (memoised per worker)
-# may then be computed twice, but the two workers' loads balance (measured: one group holding
-# reliability, multihost and the whole-pipeline test made one worker's chain the suite's wall time).
-pytestmark = pytest.mark.xdist_group("multihost")
-
 REPORT: list[str] = []
 
 

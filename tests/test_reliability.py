@@ -32,9 +32,10 @@ import pytest
 
 import helpers as h
 
-# The every-stage reference run is shared by test_reliability and test_multihost: run both
-# modules on one pytest-xdist worker so it is computed once.
-pytestmark = pytest.mark.xdist_group("reference_run")
+# The every-stage reference run is built once per session and shared by the pytest-xdist
+# workers (helpers.build_once). The kill-and-resume chains stay on one worker, so the
+# summary test below sees every chain's kills.
+KILL_CHAINS = pytest.mark.xdist_group("kill_chains")
 
 HAS_BEST_OF_K = os.path.exists(os.path.join(h.REPO, "rlhf_jax", "stages", "best_of_k.py"))
 STAGES = (["pretrain", "sft", "label", "reward", "ppo"] + (["best_of_k"] if HAS_BEST_OF_K else [])
@@ -77,13 +78,15 @@ _REF: dict = {}
 
 
 def reference_run(tmp_path_factory) -> str:
-  """Workdir of one uninterrupted run of every stage (memoised: shared across modules)."""
+  """Workdir of one uninterrupted run of every stage (one per session, shared across modules
+  and workers; read-only: tests copy it)."""
   if "dir" not in _REF:
-    wd = tmp_path_factory.mktemp("reference") / "wd"
-    t0 = time.time()
-    p = h.run_cli(wd, *OVERRIDES, f"--config.stages={','.join(STAGES)}", timeout=LAUNCH_TIMEOUT)
-    assert p.returncode == 0, f"reference run failed ({p.returncode}):\n{p.stderr[-4000:]}"
-    _REF.update(dir=str(wd), seconds=time.time() - t0)
+    def build(wd):
+      t0 = time.time()
+      p = h.run_cli(wd, *OVERRIDES, f"--config.stages={','.join(STAGES)}", timeout=LAUNCH_TIMEOUT)
+      assert p.returncode == 0, f"reference run failed ({p.returncode}):\n{p.stderr[-4000:]}"
+      _REF["seconds"] = time.time() - t0  # on the worker that built it
+    _REF["dir"] = h.build_once(tmp_path_factory, "reference", build)
   return _REF["dir"]
 
 
@@ -409,6 +412,7 @@ def test_same_config_and_seed_give_identical_results(reference, tmp_path):
   assert_same_stage(reference, str(tmp_path / "wd"), "pretrain")
 
 
+@KILL_CHAINS
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "label", "reward", "ppo",
                                    pytest.param("best_of_k", marks=pytest.mark.skipif(
                                        not HAS_BEST_OF_K, reason="rlhf_jax/stages/best_of_k.py missing")),
@@ -505,6 +509,7 @@ def test_dpo_and_grpo_with_lora_store_adapters_that_merge_onto_sft(reference, tm
         np.testing.assert_array_equal(np.asarray(m), np.asarray(f), err_msg=f"{stage} {names}")
 
 
+@KILL_CHAINS
 def test_at_least_ten_kills_all_resumed_exactly():
   kills = RECORD["kills"]
   if len(RECORD["chains"]) < 5:
