@@ -60,7 +60,8 @@ def ppo_memory_extrapolated(size: str, method: str, layers=(4, 6), **kw) -> dict
 
 def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, rollout_batch: int = 64,
                prompt_len: int = 256, response_len: int = 256, minibatches: int = 4,
-               score_chunks: int = 1, n_layers: int | None = None, scan_layers: bool = False) -> dict:
+               score_chunks: int = 1, n_layers: int | None = None, scan_layers: bool = False,
+               lora_sampling: str = "merge") -> dict:
   """Compile one PPO iteration for abstract inputs; XLA's memory analysis per device."""
   import jax
   import jax.numpy as jnp
@@ -91,7 +92,7 @@ def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, ro
   popt, copt = optimizers(pc)
   sc = SampleConfig(max_new_tokens=response_len, eos_id=2, pad_id=0)
   iteration = make_iteration(policy_ft.model, critic_ft.model, popt, copt, pc, sc, prompt_len,
-                             views=lora_views(policy_ft, "merge") if spec else Views)
+                             views=lora_views(policy_ft, lora_sampling) if spec else Views)
 
   def fresh(policy, critic):
     return {"params": policy, "opt_state": popt.init(policy), "critic_params": critic,
@@ -116,7 +117,8 @@ def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, ro
   _, info = _compile(fused, a_state, a_frozen, a_batch, a_rng)
   nbytes = lambda t: int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(t)))
   return {"size": size, "method": method, "lora_rank": rank, "base_storage": quant, "remat": remat,
-          "scan_layers": scan_layers, "fsdp": fsdp, "devices": f"{fsdp} x {jax.devices()[0].platform} (compile-only)",
+          "scan_layers": scan_layers, "lora_sampling": lora_sampling if rank else None,
+          "fsdp": fsdp, "devices": f"{fsdp} x {jax.devices()[0].platform} (compile-only)",
           "rollout": f"{rollout_batch} x ({prompt_len} prompt + {response_len} response)",
           "minibatches": minibatches, "score_chunks": score_chunks, "params": lora.count(a_params),
           "trainable_params": lora.count(a_state["params"]) + lora.count(a_state["critic_params"]),
@@ -197,6 +199,8 @@ def main(argv=None):
   ap.add_argument("--layers", default="4,6", help="the two depths to extrapolate from")
   ap.add_argument("--scan_layers", default="false",
                   help="comma-separated model.scan_layers values (false,true compares both)")
+  ap.add_argument("--lora_sampling", default="merge", choices=("merge", "on_the_fly"),
+                  help="lora.sampling: rollouts on merged bf16 weights or adapters applied per step")
   ap.add_argument("--out", default="")
   a = ap.parse_args(argv)
   if a.fsdp > 1 and "XLA_FLAGS" not in os.environ:
@@ -212,7 +216,7 @@ def main(argv=None):
       for remat in a.remat.split(","):
         for chunks, scan in itertools.product(map(int, a.score_chunks.split(",")), scans):
           kw = dict(remat=remat, fsdp=a.fsdp, score_chunks=chunks, minibatches=a.minibatches,
-                    scan_layers=scan)
+                    scan_layers=scan, lora_sampling=a.lora_sampling)
           if a.exact:
             rows.append(ppo_memory(size, method, **kw))
           else:
