@@ -132,3 +132,39 @@ def test_qlora_train_step_with_scan_matches_unrolled(setup, qlora):
     np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state["params"], tr)
   assert min(jax.tree.leaves(moved)) > 0  # every stacked adapter trained (B of every layer)
+
+
+def test_hf_import_stacks_and_export_unstacks(tmp_path):
+  """Hugging Face folders are per layer: a scanned model imports them stacked and exports
+  them per layer again, the same tensors as the unrolled model's."""
+  import os
+  from rlhf_jax import hf
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf", "llama")
+  model, params = hf.load(path)
+  scan = st.make_model(dataclasses.replace(model.cfg, scan_layers=True))
+  stacked = hf.load_params(path, scan)
+  same = lambda a, b: all(jax.tree.leaves(jax.tree.map(lambda x, y: bool((x == y).all()), a, b)))
+  assert same(stacked, stack_layers(params))
+  hf.save(str(tmp_path), scan, stacked, special_ids={"bos_id": 1, "eos_id": 2, "pad_id": 0})
+  back_model, back = hf.load(str(tmp_path))
+  assert not back_model.cfg.scan_layers and same(back, params)
+
+
+def test_load_params_converts_a_checkpoint_of_the_other_layout(setup, tmp_path):
+  """An earlier stage written unrolled loads into a scanned model, stacked (and back)."""
+  import os
+  import types
+  from rlhf_jax.stages import common
+  from rlhf_jax.train.checkpoint import Checkpointer
+  flat, _, params = setup[:3]
+  scan = st.make_model(dataclasses.replace(flat.cfg, scan_layers=True))  # remat is checked too
+  ctx = types.SimpleNamespace(stage_dir=lambda s: os.path.join(tmp_path, s), model_cfg=flat.cfg)
+  ck = Checkpointer(os.path.join(tmp_path, "sft", "checkpoints"), async_save=False)
+  ck.save(1, {"params": params}, common.model_meta(ctx))
+  ck.close()
+  ctx.model_cfg = scan.cfg  # a later run with model.scan_layers=true
+  got, _ = common.load_params(ctx, "sft", scan)
+  want = stack_layers(params)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  assert all(jax.tree.leaves(jax.tree.map(lambda x, y: bool((x == y).all()), got, want)))
+  assert got["layers"]["mlp"]["wi"]["kernel"].sharding == st.param_shardings(scan)["layers"]["mlp"]["wi"]["kernel"]
