@@ -4,6 +4,10 @@ analysis (abstract shapes: nothing is allocated, so it runs on a CPU for a 7B mo
   python -m rlhf_jax.bench_memory --sizes 1b,7b --out bench_memory.json
   python -m rlhf_jax.bench_memory --sizes 7b --fsdp 8   # 8 (virtual CPU) devices, FSDP
   python -m rlhf_jax.bench_memory --sizes 7b --methods lora --score_chunks 1,8
+  python -m rlhf_jax.bench_memory --sizes 7b --methods lora --scan_layers true --exact
+
+--scan_layers true compiles model.scan_layers (one nn.scan over the layers): its program
+does not grow with depth, so --exact compiles the 32-layer model in about a minute on CPU.
 
 Each row compiles `ppo_step.make_iteration` (rollout with the KV-cache sampler, the four
 forward passes, epochs x minibatches of policy and critic updates) exactly as

@@ -332,7 +332,7 @@ class Transformer(nn.Module):
     attn_mask = None
     if cache is not None:
       # Keys are cache slots; a query at cache_index + i sees valid slots up to itself.
-      s = (cache["k"].shape[2] if cfg.scan_layers else cache[0]["k"].shape[1])
+      s = cache["k"].shape[2] if cfg.scan_layers else cache[0]["k"].shape[1]
       q_slot = cache_index + jnp.arange(t)
       causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
       attn_mask = causal[None, None] & kv_mask[:, None, None, :]
