@@ -4,6 +4,10 @@ analysis (abstract shapes: nothing is allocated, so it runs on a CPU for a 7B mo
   python -m rlhf_jax.bench_memory --sizes 1b,7b --out bench_memory.json
   python -m rlhf_jax.bench_memory --sizes 7b --fsdp 8   # 8 (virtual CPU) devices, FSDP
   python -m rlhf_jax.bench_memory --sizes 7b --methods lora --score_chunks 1,8
+  python -m rlhf_jax.bench_memory --sizes 7b --methods lora --scan_layers true --exact
+
+--scan_layers true compiles model.scan_layers (one nn.scan over the layers): its program
+does not grow with depth, so --exact compiles the 32-layer model in about a minute on CPU.
 
 Each row compiles `ppo_step.make_iteration` (rollout with the KV-cache sampler, the four
 forward passes, epochs x minibatches of policy and critic updates) exactly as
@@ -17,6 +21,7 @@ fly (`sampling_speed`, a small model, wall-clock on this machine).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -59,7 +64,8 @@ def ppo_memory_extrapolated(size: str, method: str, layers=(4, 6), **kw) -> dict
 
 def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, rollout_batch: int = 64,
                prompt_len: int = 256, response_len: int = 256, minibatches: int = 4,
-               score_chunks: int = 1, n_layers: int | None = None) -> dict:
+               score_chunks: int = 1, n_layers: int | None = None, scan_layers: bool = False,
+               lora_sampling: str = "merge") -> dict:
   """Compile one PPO iteration for abstract inputs; XLA's memory analysis per device."""
   import jax
   import jax.numpy as jnp
@@ -76,7 +82,7 @@ def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, ro
   rank, quant = METHODS[method]
   dims = dict(SIZES[size], **({"n_layers": n_layers} if n_layers else {}))
   cfg = ModelConfig(**dims, max_len=prompt_len + response_len, tie_embeddings=False,
-                    dtype="bfloat16", remat=remat)
+                    dtype="bfloat16", remat=remat, scan_layers=scan_layers)
   mesh = sh.mesh_of((1, fsdp, 1), jax.devices()[:fsdp])
   model = st.make_model(cfg, mesh)
   pc = tiny.get_config().ppo.copy_and_resolve_references()
@@ -90,7 +96,7 @@ def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, ro
   popt, copt = optimizers(pc)
   sc = SampleConfig(max_new_tokens=response_len, eos_id=2, pad_id=0)
   iteration = make_iteration(policy_ft.model, critic_ft.model, popt, copt, pc, sc, prompt_len,
-                             views=lora_views(policy_ft, "merge") if spec else Views)
+                             views=lora_views(policy_ft, lora_sampling) if spec else Views)
 
   def fresh(policy, critic):
     return {"params": policy, "opt_state": popt.init(policy), "critic_params": critic,
@@ -115,6 +121,7 @@ def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, ro
   _, info = _compile(fused, a_state, a_frozen, a_batch, a_rng)
   nbytes = lambda t: int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(t)))
   return {"size": size, "method": method, "lora_rank": rank, "base_storage": quant, "remat": remat,
+          "scan_layers": scan_layers, "lora_sampling": lora_sampling if rank else None,
           "fsdp": fsdp, "devices": f"{fsdp} x {jax.devices()[0].platform} (compile-only)",
           "rollout": f"{rollout_batch} x ({prompt_len} prompt + {response_len} response)",
           "minibatches": minibatches, "score_chunks": score_chunks, "params": lora.count(a_params),
@@ -194,10 +201,15 @@ def main(argv=None):
   ap.add_argument("--exact", action="store_true",
                   help="compile every layer (slow on CPU) instead of extrapolating")
   ap.add_argument("--layers", default="4,6", help="the two depths to extrapolate from")
+  ap.add_argument("--scan_layers", default="false",
+                  help="comma-separated model.scan_layers values (false,true compares both)")
+  ap.add_argument("--lora_sampling", default="merge", choices=("merge", "on_the_fly"),
+                  help="lora.sampling: rollouts on merged bf16 weights or adapters applied per step")
   ap.add_argument("--out", default="")
   a = ap.parse_args(argv)
   if a.fsdp > 1 and "XLA_FLAGS" not in os.environ:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.fsdp}"
+  scans = [{"true": True, "false": False}[v.strip().lower()] for v in a.scan_layers.split(",")]
   rows = []
   if a.sampling:
     for quant in ("none", "nf4"):
@@ -206,8 +218,9 @@ def main(argv=None):
   for size in a.sizes.split(","):
     for method in a.methods.split(","):
       for remat in a.remat.split(","):
-        for chunks in map(int, a.score_chunks.split(",")):
-          kw = dict(remat=remat, fsdp=a.fsdp, score_chunks=chunks, minibatches=a.minibatches)
+        for chunks, scan in itertools.product(map(int, a.score_chunks.split(",")), scans):
+          kw = dict(remat=remat, fsdp=a.fsdp, score_chunks=chunks, minibatches=a.minibatches,
+                    scan_layers=scan, lora_sampling=a.lora_sampling)
           if a.exact:
             rows.append(ppo_memory(size, method, **kw))
           else:

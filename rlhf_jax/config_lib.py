@@ -42,6 +42,9 @@ def model(**kw) -> mlc.ConfigDict:
               d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=512, max_len=128,
               rope_theta=10000.0, tie_embeddings=True, dropout=0.0, dtype="float32",
               remat="none", attention="xla", norm_eps=1e-5,
+              # One nn.scan over the layers (params stacked under "layers"): the backward
+              # recomputes one layer at a time; see docs/performance.md (memory).
+              scan_layers=False,
               # Family switches (rlhf_jax/model/transformer.py ModelConfig; set by
               # rlhf_jax.hf from a checkpoint's config.json). Defaults = Llama-style.
               head_dim=0,  # 0 = d_model // n_heads
@@ -124,6 +127,8 @@ def validate(config, n_devices: int, n_processes: int = 1) -> None:
     _fail("model.d_model", f"{m.d_model} is not divisible by mesh.fsdp={mesh[1]}")
   _choice(config, "model.dtype", ("float32", "bfloat16", "float16"))
   _choice(config, "model.remat", ("none", "full", "dots"))
+  if not isinstance(m.get("scan_layers", False), bool):
+    _fail("model.scan_layers", f"must be true or false, got {m.scan_layers!r}")
   _choice(config, "model.attention", ("xla", "cudnn"))
   if not 0.0 <= m.dropout < 1.0:
     _fail("model.dropout", f"must be in [0, 1), got {m.dropout}")

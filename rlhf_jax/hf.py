@@ -27,6 +27,7 @@ import numpy as np
 import safetensors.numpy
 
 from rlhf_jax.config_lib import ConfigError
+from rlhf_jax.model import stacking
 from rlhf_jax.model.hf_families import FAMILIES, HFError, family_of, parse_config, specs, to_hf_config
 from rlhf_jax.model.transformer import DTYPES, ModelConfig
 from rlhf_jax.train import state as st
@@ -195,6 +196,10 @@ def load_params(path: str, model, info: dict | None = None) -> dict:
   which the reward stage and the critic replace.
   """
   cfg = model.cfg
+  if cfg.scan_layers:  # HF folders are per layer: read the unrolled layout, then stack
+    flat = st.make_model(dataclasses.replace(cfg, scan_layers=False), model.mesh, model.rules)
+    return jax.jit(stacking.stack_layers, out_shardings=st.param_shardings(model))(
+        load_params(path, flat, info))
   if info is None:
     _, info = read_config(path, cfg.max_len)
   reader = _Reader(path)
@@ -279,6 +284,9 @@ def save(out_dir: str, model, params, tokenizer=None, kind: str = "causal_lm", *
   """
   if kind not in ("causal_lm", "reward"):
     raise HFError(f"save: kind {kind!r} is not one of causal_lm, reward")
+  if model.cfg.scan_layers:  # HF folders are per layer (model.layers.{i}.*)
+    params = stacking.unstack_layers(params)
+    model = st.make_model(dataclasses.replace(model.cfg, scan_layers=False), model.mesh, model.rules)
   cfg = model.cfg
   family = model_type or family_of(cfg)
   if family not in FAMILIES:

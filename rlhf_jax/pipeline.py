@@ -129,8 +129,11 @@ STAGE_DATA = {
 }
 # Read by no stage's output: changing them never invalidates finished work.
 _DATA_FREE = ("skip_bad",)
-# Model fields that change how a model runs, not what its checkpoint holds.
-_MODEL_FREE = ("remat", "attention", "dtype", "dropout")
+# Model fields that change how a model runs, not what its checkpoint holds. scan_layers
+# changes the params' layout, but later stages read earlier ones through
+# stages.common.load_params, which converts (resuming an interrupted stage under the other
+# layout is still refused, by the checkpoint's model meta).
+_MODEL_FREE = ("remat", "attention", "dtype", "dropout", "scan_layers")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

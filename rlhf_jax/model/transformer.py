@@ -51,6 +51,11 @@ class ModelConfig:
   dropout: float = 0.0
   dtype: str = "float32"  # compute dtype; parameters stay float32
   remat: str = "none"  # none | full | dots (save matmul outputs only)
+  # Run the layers as one nn.scan over a stacked Block (params and KV cache gain a leading
+  # layer axis, under "layers") instead of a Python loop: the backward is then a loop
+  # that rematerialises one layer at a time. Unrolled, XLA's CPU scheduler hoisted every
+  # layer's recomputation ahead of the backward (docs/performance.md, memory section).
+  scan_layers: bool = False
   attention: str = "xla"  # xla | cudnn (fused kernel on GPU)
   norm_eps: float = 1e-5
   # Family switches (defaults = the Llama-style model; see the module docstring).
@@ -327,7 +332,7 @@ class Transformer(nn.Module):
     attn_mask = None
     if cache is not None:
       # Keys are cache slots; a query at cache_index + i sees valid slots up to itself.
-      s = cache[0]["k"].shape[1]
+      s = cache["k"].shape[2] if cfg.scan_layers else cache[0]["k"].shape[1]
       q_slot = cache_index + jnp.arange(t)
       causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
       attn_mask = causal[None, None] & kv_mask[:, None, None, :]
@@ -359,13 +364,24 @@ class Transformer(nn.Module):
     if cfg.remat != "none":
       policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots"
                 else None)
-      block = nn.remat(Block, policy=policy, static_argnums=(6,))
-    new_cache = []
-    for i in range(cfg.n_layers):
-      layer_cache = None if cache is None else cache[i]
-      x, c = block(cfg, self.constrain, name=f"layer_{i}")(
-          x, positions, attn_mask, layer_cache, cache_index, deterministic)
-      new_cache.append(c)
+      # prevent_cse guards remat against XLA's CSE merging the recomputation back into the
+      # forward; inside a scan the loop boundary already does that (jax.checkpoint docs),
+      # and MaxText turns it off there.
+      block = nn.remat(Block, policy=policy, static_argnums=(6,), prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      # Params and cache stacked on a leading axis named "layers" (no mesh axis: RULES).
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+                      length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, new_cache = stack(cfg, self.constrain, name="layers")(
+          x, positions, attn_mask, cache, cache_index, deterministic)
+    else:
+      new_cache = []
+      for i in range(cfg.n_layers):
+        layer_cache = None if cache is None else cache[i]
+        x, c = block(cfg, self.constrain, name=f"layer_{i}")(
+            x, positions, attn_mask, layer_cache, cache_index, deterministic)
+        new_cache.append(c)
     x = _norm(cfg, "final_norm")(x)
     out = {"hidden": x, "cache": new_cache if cache is not None else None}
     if logits or self.is_initializing():
@@ -391,7 +407,11 @@ class Transformer(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
-  """Zeroed KV cache: one {'k','v'} of [B, S, kv_heads, head_dim] per layer."""
+  """Zeroed KV cache: one {'k','v'} of [B, S, kv_heads, head_dim] per layer; with
+  cfg.scan_layers one {'k','v'} of [n_layers, B, S, kv_heads, head_dim] (the scan's layout)."""
   dtype = dtype or DTYPES[cfg.dtype]
   shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+  if cfg.scan_layers:
+    shape = (cfg.n_layers,) + shape
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
   return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]

@@ -18,6 +18,7 @@ import numpy as np
 
 from rlhf_jax.data.batching import Batcher
 from rlhf_jax.data.sources import stream_seed
+from rlhf_jax.model import stacking
 from rlhf_jax.model.transformer import DTYPES
 from rlhf_jax.train import ensemble as ens
 from rlhf_jax.train import lora
@@ -97,19 +98,37 @@ def load_params(ctx, stage: str, model, item: str = "params"):
   the base is loaded (recursively: it may be LoRA too), stored as the stage stored it
   (quantised for QLoRA) and the adapters merged in, so every caller gets full weights.
   An ensemble's checkpoint (`meta.ensemble`: the reward stage with reward.ensemble > 1)
-  holds its members' params stacked on a leading axis; they are returned stacked."""
-  saved = latest_meta(ctx.stage_dir(stage))[1] if item == "params" else {}
+  holds its members' params stacked on a leading axis; they are returned stacked.
+  A checkpoint written with the other `model.scan_layers` layout is read in its own
+  layout and converted (rlhf_jax/model/stacking.py)."""
+  latest = latest_meta(ctx.stage_dir(stage))[1]
+  saved = latest if item == "params" else {}
+  stored = bool((latest.get("model") or {}).get("scan_layers", False))
+  if stored != model.cfg.scan_layers:
+    other = st.make_model(dataclasses.replace(model.cfg, scan_layers=stored), model.mesh, model.rules)
+    params, meta = load_params(ctx, stage, other, item)
+    target = st.abstract_params(model)
+    if saved.get("ensemble"):
+      target = ens.stack_abstract(target, len(saved["ensemble"]["members"]))
+    convert = lambda p: stacking.to_layout(p, model.cfg.scan_layers, axis=1 if saved.get("ensemble") else 0)
+    return jax.jit(convert, out_shardings=st.shardings_of(target))(params), meta
+  expect = _model_meta_of(ctx, model)
   lm = saved.get("lora")
   if lm is None:
     abstract = st.abstract_params(model)
     if saved.get("ensemble"):
       abstract = ens.stack_abstract(abstract, len(saved["ensemble"]["members"]))
-    return restore_item(ctx.stage_dir(stage), item, abstract, expect_meta=model_meta(ctx))
+    return restore_item(ctx.stage_dir(stage), item, abstract, expect_meta=expect)
   ft = lora.FineTune(model, lora.spec_from_meta(lm))
   base = hf_params(ctx, model) if lm["base"] == "hf" else load_params(ctx, lm["base"], model)[0]
-  trainable, meta = restore_item(ctx.stage_dir(stage), item, ft.abstract_trainable(),
-                                 expect_meta=model_meta(ctx))
+  trainable, meta = restore_item(ctx.stage_dir(stage), item, ft.abstract_trainable(), expect_meta=expect)
   return ft.merged(trainable, ft.store(base)), meta
+
+
+def _model_meta_of(ctx, model) -> dict:
+  """model_meta(ctx) for `model`'s layer layout (load_params reads the other layout too)."""
+  m = model_meta(ctx)
+  return {"model": {**m["model"], "scan_layers": model.cfg.scan_layers}}
 
 
 def base_source(ctx) -> str:

@@ -18,8 +18,11 @@ float32, as in bitsandbytes/PEFT. Adapters are float32.
 Adapters are applied on the fly: a Flax method interceptor adds
 `(x @ A) @ B * scale` to the output of each targeted Dense/DenseGeneral, so no
 merged copy of the weights and no gradient of a frozen weight is ever formed;
-gradients exist for the adapters only. `merged_params` folds them into plain
-weights (export, the next stage, sampling with `lora.sampling=merge`).
+gradients exist for the adapters only. The interceptor finds a layer's A and B as
+extra `lora_a` / `lora_b` params of that Dense (`attach` puts them there for the
+duration of one apply), so with `model.scan_layers` (kernels stacked [L, ...] under
+`layers`, adapters stacked [L, in, r] alike) the scan hands each layer its own slice.
+`merged_params` folds them into plain weights (export, the next stage, sampling with `lora.sampling=merge`).
 
 Why not qwix (`qwix.LoraProvider`): it also intercepts dot_generals, but it
 keeps the adapters inside the model's own variables (so every checkpoint and
@@ -130,9 +133,15 @@ def dequantize(t: QTensor, dtype=jnp.float32):
 
 
 def _quantized_leaf(path) -> bool:
-  """Layer kernels only (QLoRA quantises the linear layers; embeddings, norms, heads stay)."""
+  """Layer kernels only (QLoRA quantises the linear layers; embeddings, norms, heads stay);
+  `layers` is the stacked layout of model.scan_layers."""
   names = [getattr(k, "key", str(k)) for k in path]
-  return names[0].startswith("layer_") and names[-1] == "kernel"
+  return (names[0].startswith("layer_") or names[0] == "layers") and names[-1] == "kernel"
+
+
+def _n_stack(names) -> int:
+  """Leading stacked-layer axes of a kernel at this path (1 under `layers`: scan_layers)."""
+  return 1 if names[0] == "layers" else 0
 
 
 def store_base(params, quant: str, block: int):
@@ -158,14 +167,16 @@ def load_base(base, dtype=jnp.float32):
 # ------------------------------------------------------------------ adapters
 
 def _target_kernels(shapes, targets):
-  """(path of the module, kernel shape, n_in) of every targeted kernel."""
+  """(path of the module, kernel shape without stacked axes, n_in, stacked axes) of every
+  targeted kernel."""
   out = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
     names = tuple(getattr(k, "key", str(k)) for k in path)
     if names[-1] == "kernel" and len(names) >= 2 and names[-2] in targets:
       # n_in: the kernel's contracted (input) axes. `o` contracts (heads, head_dim).
       n_in = 2 if names[-2] == "o" else 1
-      out.append((names[:-1], leaf.shape, n_in))
+      k = _n_stack(names)
+      out.append((names[:-1], leaf.shape[k:], n_in, leaf.shape[:k]))
   return out
 
 
@@ -189,10 +200,10 @@ def init_adapters(shapes, spec: LoraSpec, rng):
   kernels = _target_kernels(shapes, spec.targets)
   if not kernels:
     raise ValueError(f"lora.targets {spec.targets} match no kernel of the model")
-  for i, (path, shape, n_in) in enumerate(kernels):
+  for i, (path, shape, n_in, lead) in enumerate(kernels):
     fan_in, fan_out = math.prod(shape[:n_in]), math.prod(shape[n_in:])
-    a = jax.random.normal(jax.random.fold_in(rng, i), (fan_in, spec.rank), jnp.float32) * fan_in ** -0.5
-    _set(ad, path, {"a": a, "b": jnp.zeros((spec.rank, fan_out), jnp.float32)})
+    a = jax.random.normal(jax.random.fold_in(rng, i), lead + (fan_in, spec.rank), jnp.float32)
+    _set(ad, path, {"a": a * fan_in ** -0.5, "b": jnp.zeros(lead + (spec.rank, fan_out), jnp.float32)})
   return ad
 
 
@@ -205,32 +216,50 @@ def adapter_shardings(boxed, spec: LoraSpec, mesh, rules):
     names = tuple(getattr(k, "key", str(k)) for k in path)
     if names[-1] != "kernel" or len(names) < 2 or names[-2] not in spec.targets:
       continue
+    k = _n_stack(names)  # stacked layer axes lead A and B as they lead the kernel
     axes = leaf.names
     n_in = 2 if names[-2] == "o" else 1
     to_mesh = lambda n: nn.logical_to_mesh_axes((n,), rules)[0] if n is not None else None
-    _set(ad, names[:-1], {"a": NamedSharding(mesh, P(to_mesh(axes[0]), None)),
-                          "b": NamedSharding(mesh, P(None, to_mesh(axes[n_in])))})
+    lead = tuple(to_mesh(n) for n in axes[:k])
+    _set(ad, names[:-1], {"a": NamedSharding(mesh, P(*lead, to_mesh(axes[k]), None)),
+                          "b": NamedSharding(mesh, P(*lead, None, to_mesh(axes[k + n_in])))})
   return ad
 
 
+def attach(params, adapters):
+  """Plain params with each adapter's A and B added as `lora_a` / `lora_b` params of the
+  Dense it adapts (what `adapters_on` reads; flax ignores params a module never declares).
+  Riding in the params tree is what lets nn.scan slice stacked adapters per layer."""
+  out = jax.tree.map(lambda x: x, params, is_leaf=lambda x: not isinstance(x, dict))  # new dicts
+  for path, leaf in jax.tree_util.tree_flatten_with_path(adapters)[0]:
+    names = tuple(getattr(k, "key", str(k)) for k in path)
+    mod = _get(out, names[:-1])
+    if mod is None:
+      raise ValueError(f"adapter {'/'.join(names)} has no module in the params "
+                       "(scan_layers layout of the adapters and the base differ?)")
+    mod[f"lora_{names[-1]}"] = leaf
+  return out
+
+
 @contextlib.contextmanager
-def adapters_on(adapters, scale: float):
-  """While tracing inside this context, every targeted Dense/DenseGeneral adds its
-  adapter's low-rank update to its output (on the fly, in the layer's compute dtype)."""
+def adapters_on(scale: float):
+  """While tracing inside this context, every Dense/DenseGeneral whose params carry
+  `lora_a` / `lora_b` (`attach`) adds the low-rank update to its output (on the fly, in
+  the layer's compute dtype)."""
 
   def interceptor(next_fun, args, kwargs, context):
     y = next_fun(*args, **kwargs)
     mod = context.module
     if context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.DenseGeneral)):
       return y
-    ab = _get(adapters, mod.path)
-    if ab is None or "a" not in ab:
+    if not mod.has_variable("params", "lora_a"):
       return y
+    a, b = mod.get_variable("params", "lora_a"), mod.get_variable("params", "lora_b")
     x = args[0]
     n_in = len(mod.axis) if isinstance(mod, nn.DenseGeneral) and isinstance(mod.axis, tuple) else 1
     dt = y.dtype
     xf = x.reshape(x.shape[:x.ndim - n_in] + (-1,)).astype(dt)
-    d = (xf @ ab["a"].astype(dt)) @ (ab["b"].astype(dt) * jnp.asarray(scale, dt))
+    d = (xf @ a.astype(dt)) @ (b.astype(dt) * jnp.asarray(scale, dt))
     return y + d.reshape(y.shape)
 
   with nn.intercept_methods(interceptor):
@@ -285,8 +314,8 @@ class LoraModel:
     if not is_composite(p):
       return self.inner.apply(variables, *args, **kwargs)
     base, ad = unpack(p, DTYPES[self.cfg.dtype])
-    with adapters_on(ad, self.spec.scale):
-      return self.inner.apply({**variables, "params": base}, *args, **kwargs)
+    with adapters_on(self.spec.scale):
+      return self.inner.apply({**variables, "params": attach(base, ad)}, *args, **kwargs)
 
 
 def count(tree) -> int:
@@ -372,8 +401,8 @@ class FineTune:
 
     def wrapped(t, b, r, f):
       base, ad = unpack(apply_params(t, f), dt)
-      with adapters_on(ad, self.spec.scale):
-        return loss_fn(base, b, r)
+      with adapters_on(self.spec.scale):
+        return loss_fn(attach(base, ad), b, r)
     return wrapped
 
   def meta(self, base: str) -> dict:

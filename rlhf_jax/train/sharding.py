@@ -29,6 +29,7 @@ RULES = (
     ("norm", None),
     ("scalar", None),
     ("length", None),
+    ("layers", None),  # the stacked layer axis of model.scan_layers: every device holds all layers
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_vocab", "tensor"),
