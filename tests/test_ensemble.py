@@ -65,22 +65,15 @@ def _cfg(stages, **reward):
   return cfg
 
 
-def _link(src, dst, names=("pretrain", "sft", "label", "tokenizer.model", "tfds")):
-  os.makedirs(dst, exist_ok=True)
-  for n in names:
-    if os.path.lexists(os.path.join(src, n)):
-      os.symlink(os.path.join(src, n), os.path.join(dst, n))
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """A base workdir (pretrain, sft, label), and from it: an ensemble of 2 (bootstrap data,
-  WCO) trained then used by PPO, and its member 1 trained alone."""
+  """The suite's reference run up to its label stage, and from it: an ensemble of 2
+  (bootstrap data, WCO) trained then used by PPO, and its member 1 trained alone."""
+  from test_reliability import copy_before, reference_run
   root = tmp_path_factory.mktemp("ens")
-  base, ens, alone = (str(root / n) for n in ("base", "ens", "alone"))
-  pipeline.run(_cfg("pretrain,sft,label"), base)
-  _link(base, ens)
-  _link(base, alone)
+  base, ens, alone = reference_run(tmp_path_factory), str(root / "ens"), str(root / "alone")
+  copy_before(base, "reward", ens)
+  copy_before(base, "reward", alone)
   kw = dict(ensemble=2, aggregate="wco", ensemble_data="bootstrap")
   pipeline.run(_cfg("reward,ppo", **kw), ens)
   pipeline.run(_cfg("reward", member=1, **kw), alone)

@@ -6,6 +6,7 @@ reward -> ppo: the labels, the proxy RM's gold accuracy and PPO's gold figures a
 from the gold RM, and every summary with gold figures names it.
 """
 import os
+import pathlib
 import shutil
 
 import numpy as np
@@ -19,13 +20,11 @@ pytestmark = pytest.mark.xdist_group("gold_rm")
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("gold_rm")
-  gold, main = root / "gold", root / "main"
-  # Few steps: the gold RM only has to be a reward model, not a good one (test time).
-  p = helpers.run_cli(gold, "--config.stages=pretrain,sft,label,reward", "--config.pretrain.steps=10",
-                      "--config.sft.steps=5", "--config.reward.steps=5", timeout=600)
-  assert p.returncode == 0, p.stderr[-3000:]
-  # The main run's SFT policy is the gold run's (a copy: no second pretrain/sft to pay for).
+  from test_reliability import reference_run
+  # The gold RM is the suite's reference run's reward model (read only); the main run starts
+  # from copies of its pretrain and SFT stages.
+  gold = pathlib.Path(reference_run(tmp_path_factory))
+  main = tmp_path_factory.mktemp("gold_rm") / "main"
   main.mkdir()
   for name in ("pretrain", "sft"):
     shutil.copytree(gold / name, main / name)

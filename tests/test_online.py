@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import helpers as h
+from test_reliability import OVERRIDES, copy_before, reference_run
 from configs import tiny
 from experiments import ppo_vs_bok as pvb
 from rlhf_jax import config_lib
@@ -18,16 +19,17 @@ from rlhf_jax.model.transformer import ModelConfig
 # One worker runs the module, so its module-scoped fixture runs once (pytest-xdist loadgroup).
 pytestmark = pytest.mark.xdist_group("online")
 
-# Shorter shared stages (their quality is not under test); PPO checkpoints every iteration
-# so a kill lands inside round 2's PPO.
-SHARED = ("--config.pretrain.steps=6", "--config.sft.steps=4", "--config.reward.steps=4",
-          "--config.ppo.ckpt_every=1", "--config.ppo.eval_every=2", "--config.online.ppo_iterations=3")
+# The suite's reference run's overrides (PPO checkpoints every iteration, so a kill lands
+# inside round 2's PPO) and three PPO iterations per round.
+SHARED = OVERRIDES + ("--config.ppo.eval_every=2", "--config.online.ppo_iterations=3")
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+  """The online stage on a copy of the suite's reference run up to its reward stage."""
   wd = tmp_path_factory.mktemp("online") / "wd"
-  p = h.run_cli(wd, *SHARED, "--config.stages=pretrain,sft,label,reward,online")
+  copy_before(reference_run(tmp_path_factory), "ppo", wd)
+  p = h.run_cli(wd, *SHARED, "--config.stages=online")
   assert p.returncode == 0, p.stderr[-4000:]
   return str(wd)
 
