@@ -9,8 +9,8 @@ policy, or `--item critic_params` for the critic), rebuilds the ModelConfig from
 the checkpoint's own "meta" item (what the stage trained, nothing merged from a
 config), loads its params as the next stage would (stages.common.load_params: a
 LoRA / QLoRA stage's adapters merged onto the base its checkpoint names, another
-layer layout converted), and writes config.json, model.safetensors, generation_config.json and
-the tokenizer (rlhf_jax.hf.save). Models rlhf_jax pretrained export as Llama;
+layer layout converted), and writes config.json, model.safetensors,
+generation_config.json and the tokenizer (rlhf_jax.hf.save). Models rlhf_jax pretrained export as Llama;
 imported ones as the family they came from (config.model.hf in DIR/config.json).
 The reward model's normalisation (DIR/reward/checkpoints/normalization.json) is
 recorded in config.json. A bad workdir or stage: one line on stderr, exit 2.
