@@ -2,12 +2,15 @@
 
     python -m rlhf_jax.export --workdir DIR --stage sft --out OUT
     python -m rlhf_jax.export --workdir DIR --stage reward --out RM   # *ForSequenceClassification
+    python -m rlhf_jax.export --workdir DIR --stage dpo --out OUT     # LoRA: merged weights
 
 Reads the stage's latest orbax checkpoint (best_of_k: its last round; ppo: the
 policy, or `--item critic_params` for the critic), rebuilds the ModelConfig from
 the checkpoint's own "meta" item (what the stage trained, nothing merged from a
-config), and writes config.json, model.safetensors, generation_config.json and
-the tokenizer (rlhf_jax.hf.save). Models rlhf_jax pretrained export as Llama;
+config), loads its params as the next stage would (stages.common.load_params: a
+LoRA / QLoRA stage's adapters merged onto the base its checkpoint names, another
+layer layout converted), and writes config.json, model.safetensors,
+generation_config.json and the tokenizer (rlhf_jax.hf.save). Models rlhf_jax pretrained export as Llama;
 imported ones as the family they came from (config.model.hf in DIR/config.json).
 The reward model's normalisation (DIR/reward/checkpoints/normalization.json) is
 recorded in config.json. A bad workdir or stage: one line on stderr, exit 2.
@@ -22,8 +25,9 @@ import os
 import re
 import shutil
 import sys
+import types
 
-STAGES = ("pretrain", "sft", "reward", "ppo", "best_of_k")
+STAGES = ("pretrain", "sft", "reward", "ppo", "best_of_k", "dpo", "grpo")
 # Tokenizer files of a Hugging Face folder, copied when no tokenizer object can write them.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
@@ -82,11 +86,37 @@ def _tokenizer(workdir: str, run_cfg: dict):
   return None, path
 
 
+def _params(workdir: str, stage_dir: str, run_cfg: dict, model, meta: dict, item: str):
+  """The stage's full weights as a later stage loads them (stages.common.load_params):
+  adapters merged onto their base (itself loaded the same way: another stage, or the
+  Hugging Face weights of config.model.hf), QLoRA bases dequantised as trained."""
+  from rlhf_jax import hf
+  from rlhf_jax.stages import common
+  if meta.get("lora") and item != "params":
+    # The PPO critic's adapters sit on the reward model, not on the base meta.lora names.
+    raise hf.HFError(f"{stage_dir}: --item {item} of a LoRA stage holds adapters whose base is "
+                     f"not recorded in the checkpoint; export --item params, or train the stage "
+                     f"without config.lora")
+  src = (run_cfg.get("model") or {}).get("hf") or ""
+  ctx = types.SimpleNamespace(config=types.SimpleNamespace(model=types.SimpleNamespace(hf=src)),
+                              stage_dir=lambda name: os.path.join(workdir, name))
+  if not src and _uses_hf_base(ctx, os.path.relpath(stage_dir, workdir)):
+    raise hf.HFError(f"{stage_dir}: adapters on the Hugging Face weights of config.model.hf, which "
+                     f"{workdir}/config.json does not name")
+  return common.load_params(ctx, os.path.relpath(stage_dir, workdir), model, item)[0]
+
+
+def _uses_hf_base(ctx, stage: str) -> bool:
+  """Whether the chain of LoRA bases from `stage` ends at the Hugging Face weights."""
+  from rlhf_jax.train.checkpoint import latest_meta
+  lm = latest_meta(ctx.stage_dir(stage))[1].get("lora")
+  return lm is not None and (lm["base"] == "hf" or _uses_hf_base(ctx, lm["base"]))
+
+
 def export(workdir: str, stage: str, out: str, kind: str | None = None,
            item: str = "params") -> str:
   from rlhf_jax import hf
   from rlhf_jax.train import state as st
-  from rlhf_jax.train.checkpoint import restore_item
   if stage not in STAGES and not re.fullmatch(r"best_of_k/round_\d+", stage):
     raise hf.HFError(f"--stage {stage!r}: one of {', '.join(STAGES)} (or best_of_k/round_N)")
   kind = kind or ("reward" if stage == "reward" else "causal_lm")
@@ -99,8 +129,8 @@ def export(workdir: str, stage: str, out: str, kind: str | None = None,
                      "export a single reward model (reward.ensemble=1)")
   cfg = model_config_of(meta, f"{stage_dir}/checkpoints/{step}")
   model = st.make_model(cfg)
-  params, _ = restore_item(stage_dir, item, st.abstract_params(model))
   run_cfg = _workdir_config(workdir)
+  params = _params(workdir, stage_dir, run_cfg, model, meta, item)
   model_type = None
   src = run_cfg.get("model", {}).get("hf")
   if src and os.path.isfile(os.path.join(os.path.expanduser(src), "config.json")):

@@ -29,7 +29,7 @@ import safetensors.numpy
 from rlhf_jax.config_lib import ConfigError
 from rlhf_jax.model import stacking
 from rlhf_jax.model.hf_families import FAMILIES, HFError, family_of, parse_config, specs, to_hf_config
-from rlhf_jax.model.transformer import DTYPES, ModelConfig
+from rlhf_jax.model.transformer import DTYPES, NOT_ARCHITECTURE, ModelConfig
 from rlhf_jax.train import state as st
 
 __all__ = ["HFError", "load", "save", "read_config", "load_params", "architecture_fields",
@@ -347,20 +347,18 @@ def _write_safetensors(path: str, tensors: dict) -> None:
   os.replace(tmp, path)
 
 
-_COMPUTE_ONLY = ("dtype", "remat", "attention", "dropout")
-
-
 def architecture_fields(cfg: ModelConfig) -> dict:
-  """The config.model keys a checkpoint fixes (everything but compute choices such as
-  dtype/remat/attention/dropout, and max_len where positions are rotary): what the
-  pipeline records from config.json and compares with a user's config.model.*."""
-  skip = _COMPUTE_ONLY + (("max_len",) if cfg.positions == "rope" else ())
+  """The config.model keys a checkpoint fixes (all but transformer.NOT_ARCHITECTURE: how
+  the model runs and its layer layout, which load_params converts; and max_len where
+  positions are rotary): what the pipeline records from config.json and compares with a
+  user's config.model.*."""
+  skip = NOT_ARCHITECTURE + (("max_len",) if cfg.positions == "rope" else ())
   return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig) if f.name not in skip}
 
 
 def _same_architecture(cfg: ModelConfig, back: ModelConfig, family: str) -> None:
   for f in dataclasses.fields(ModelConfig):
-    if f.name in _COMPUTE_ONLY or (f.name == "max_len" and cfg.positions == "rope"):
+    if f.name in NOT_ARCHITECTURE or (f.name == "max_len" and cfg.positions == "rope"):
       continue
     a, b = getattr(cfg, f.name), getattr(back, f.name)
     if a != b and not (isinstance(a, float) and abs(a - b) <= 1e-6 * max(1.0, abs(a))):

@@ -22,7 +22,7 @@ import zlib
 import jax
 
 from rlhf_jax import config_lib
-from rlhf_jax.model.transformer import ModelConfig
+from rlhf_jax.model.transformer import NOT_ARCHITECTURE, ModelConfig
 from rlhf_jax.train import loop
 from rlhf_jax.train import sharding as sh
 from rlhf_jax.train.checkpoint import CheckpointMismatch
@@ -129,11 +129,12 @@ STAGE_DATA = {
 }
 # Read by no stage's output: changing them never invalidates finished work.
 _DATA_FREE = ("skip_bad",)
-# Model fields that change how a model runs, not what its checkpoint holds. scan_layers
-# changes the params' layout, but later stages read earlier ones through
-# stages.common.load_params, which converts (resuming an interrupted stage under the other
-# layout is still refused, by the checkpoint's model meta).
-_MODEL_FREE = ("remat", "attention", "dtype", "dropout", "scan_layers")
+# Model fields that change how a model runs, not what its checkpoint holds
+# (transformer.NOT_ARCHITECTURE): later stages read earlier ones through
+# stages.common.load_params, which compares the architecture only and converts the layer
+# layout (resuming an interrupted stage under the other layout is still refused, by
+# stages.common.resume).
+_MODEL_FREE = NOT_ARCHITECTURE
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -274,8 +275,8 @@ def write_json(path: str, obj) -> None:
 def apply_hf_model(config) -> None:
   """`config.model.hf = DIR`: DIR/config.json defines the architecture.
 
-  Architecture fields (`hf.architecture_fields`: all but dtype, remat, attention,
-  dropout and, with rotary positions, max_len) still at `config_lib.model()`'s defaults
+  Architecture fields (`hf.architecture_fields`: all but transformer.NOT_ARCHITECTURE
+  and, with rotary positions, max_len) still at `config_lib.model()`'s defaults
   are replaced by the checkpoint's; one set to anything else that disagrees fails with
   one line naming the key. Learned positions (GPT-2) fix max_len to the checkpoint's
   table. The model folder's tokenizer is used unless `data.tokenizer` is set. Runs

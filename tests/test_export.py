@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 import helpers
 from rlhf_jax import export, hf
-from rlhf_jax.model.transformer import ModelConfig
+from rlhf_jax.model.transformer import ModelConfig, architecture
 from rlhf_jax.stages.common import ARCH
 from rlhf_jax.stages.policy_eval import reward_scores
 from rlhf_jax.train import state as st
@@ -149,6 +149,48 @@ def test_export_cli_writes_a_folder_hf_load_reads_back(tmp_path):
   assert export.main(["--workdir", str(work), "--stage", "best_of_k", "--out", str(tmp_path / "b")]) == 0
   emb = load_file(str(tmp_path / "b" / "model.safetensors"))["model.embed_tokens.weight"]
   np.testing.assert_array_equal(emb, np.asarray(rm["embed"]))
+
+
+def test_export_of_lora_stages_writes_merged_full_weights(tmp_path, capsys):
+  """LoRA stages' checkpoints hold adapters naming their base (issue 16): a QLoRA (NF4) SFT
+  on pretrain, written scanned, and a LoRA DPO on that SFT, unrolled. Each exports as the
+  next stage loads it: full weights, adapters merged onto the stored base, per layer; the
+  HF folder reloads to the merged model's logits."""
+  from rlhf_jax.model.stacking import stack_layers, unstack_layers
+  from rlhf_jax.train import lora
+  work = tmp_path / "work"
+  model = st.make_model(OURS)
+  pretrain = st.init_params(model, jax.random.key(3))
+  _checkpoint(str(work / "pretrain"), model, pretrain)
+
+  def lora_stage(name, base_name, m, base, quant, key):
+    ft = lora.FineTune(m, lora.LoraSpec(rank=4, alpha=8.0, quant=quant))
+    rng = np.random.RandomState(key)  # B = 0 at init: moved, as training would
+    trained = jax.tree.map(lambda x: jnp.asarray(x + 0.1 * rng.randn(*x.shape).astype(np.float32)),
+                           ft.init_trainable(base, jax.random.key(key)))
+    meta = {"model": {**dataclasses.asdict(m.cfg), "arch": ARCH}, **ft.meta(base_name)}
+    ckpt = Checkpointer(os.path.join(work, name, "checkpoints"), async_save=False)
+    ckpt.save(2, {"params": trained, "step": jnp.int32(2)}, meta)
+    ckpt.close()
+    return ft.merged(trained, ft.store(base))
+
+  scan = st.make_model(dataclasses.replace(OURS, scan_layers=True))
+  sft = unstack_layers(lora_stage("sft", "pretrain", scan, stack_layers(pretrain), "nf4", 10))
+  dpo = lora_stage("dpo", "sft", model, sft, "none", 20)
+  tokens, mask = _batch(OURS.vocab_size)
+  logits = jax.jit(lambda p: model.apply({"params": p}, tokens, mask)["logits"])
+  for stage, merged in (("sft", sft), ("dpo", dpo)):
+    out = str(tmp_path / stage)
+    export.export(str(work), stage, out)
+    back_model, back = hf.load(out)
+    assert architecture(dataclasses.asdict(back_model.cfg)) == architecture(dataclasses.asdict(OURS))
+    want = np.asarray(logits(merged))
+    assert np.abs(want - np.asarray(logits(pretrain))).max() > 0.1  # the adapters matter
+    np.testing.assert_allclose(np.asarray(logits(back)), want, atol=1e-5)
+  # PPO's LoRA critic sits on the reward model, which the checkpoint does not name
+  assert export.main(["--workdir", str(work), "--stage", "dpo", "--item", "critic_params",
+                      "--out", str(tmp_path / "c")]) == 2
+  assert "--item critic_params of a LoRA stage" in capsys.readouterr().err
 
 
 def test_export_cli_errors_are_one_line_exit_2(tmp_path, capsys):

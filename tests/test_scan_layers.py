@@ -148,23 +148,50 @@ def test_hf_import_stacks_and_export_unstacks(tmp_path):
   hf.save(str(tmp_path), scan, stacked, special_ids={"bos_id": 1, "eos_id": 2, "pad_id": 0})
   back_model, back = hf.load(str(tmp_path))
   assert not back_model.cfg.scan_layers and same(back, params)
+  # config.model.hf fixes the architecture, not the layout: scan_layers=true is kept
+  import ml_collections
+  from rlhf_jax import config_lib, pipeline
+  c = ml_collections.ConfigDict({"data": {"tokenizer": ""}, "model": config_lib.model(
+      hf=path, max_len=32, scan_layers=True, remat="full")})
+  pipeline.apply_hf_model(c)
+  assert (c.model.scan_layers, c.model.remat, c.model.d_model) == (True, "full", model.cfg.d_model)
 
 
-def test_load_params_converts_a_checkpoint_of_the_other_layout(setup, tmp_path):
-  """An earlier stage written unrolled loads into a scanned model, stacked (and back)."""
+def test_load_params_converts_a_checkpoint_of_the_other_layout(setup, tmp_path, capsys):
+  """An earlier stage written unrolled loads into a scanned model, stacked (and back), also
+  when the later stage runs with other compute settings (model.remat, dtype, dropout: what
+  pipeline.fixed_keys lets change between runs); an architecture change fails naming the
+  field."""
   import os
   import types
   from rlhf_jax.stages import common
-  from rlhf_jax.train.checkpoint import Checkpointer
+  from rlhf_jax.train.checkpoint import Checkpointer, CheckpointMismatch
   flat, _, params = setup[:3]
-  scan = st.make_model(dataclasses.replace(flat.cfg, scan_layers=True))  # remat is checked too
+  scan = st.make_model(dataclasses.replace(flat.cfg, scan_layers=True, remat="full",
+                                           dtype="bfloat16", dropout=0.1))
   ctx = types.SimpleNamespace(stage_dir=lambda s: os.path.join(tmp_path, s), model_cfg=flat.cfg)
   ck = Checkpointer(os.path.join(tmp_path, "sft", "checkpoints"), async_save=False)
   ck.save(1, {"params": params}, common.model_meta(ctx))
-  ck.close()
   ctx.model_cfg = scan.cfg  # a later run with model.scan_layers=true
   got, _ = common.load_params(ctx, "sft", scan)
   want = stack_layers(params)
   assert jax.tree.structure(got) == jax.tree.structure(want)
   assert all(jax.tree.leaves(jax.tree.map(lambda x, y: bool((x == y).all()), got, want)))
   assert got["layers"]["mlp"]["wi"]["kernel"].sharding == st.param_shardings(scan)["layers"]["mlp"]["wi"]["kernel"]
+  assert got["layers"]["mlp"]["wi"]["kernel"].dtype == jnp.float32  # params stay float32
+  wider = st.make_model(dataclasses.replace(flat.cfg, d_ff=96, remat="full"))
+  with pytest.raises(CheckpointMismatch, match=r'different model .*"d_ff": \[64, 96\]') as e:
+    common.load_params(ctx, "sft", wider)
+  assert "remat" not in str(e.value)
+  # An interrupted stage resumes under another model.remat / dtype (announced), not under
+  # the other layout (its state is restored as saved).
+  ctx.model_cfg = scan.cfg
+  meta = {**common.model_meta(ctx), "run": {"seed": 0}}
+  with pytest.raises(CheckpointMismatch, match='"scan_layers": \\[false, true\\]'):
+    common.resume(ck, {"params": st.abstract_params(scan)}, "sft", meta)
+  ctx.model_cfg = dataclasses.replace(scan.cfg, scan_layers=False)
+  meta = {**common.model_meta(ctx), "run": {"seed": 0}}
+  state, _ = common.resume(ck, {"params": st.abstract_params(flat)}, "sft", meta)
+  assert all(jax.tree.leaves(jax.tree.map(lambda x, y: bool((x == y).all()), state["params"], params)))
+  ck.close()
+  assert "model.remat none -> full" in capsys.readouterr().out

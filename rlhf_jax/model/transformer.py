@@ -95,6 +95,23 @@ class ModelConfig:
     return cls(**kw)
 
 
+# ModelConfig fields that choose how the model runs, not which weights it has: the compute
+# dtype (params stay float32), rematerialisation, the attention kernel, dropout, and the
+# layer layout (stacked under "layers" or one subtree per layer; model/stacking.py converts,
+# and stages.common.load_params does). A checkpoint written under one value is the same
+# model under any other, so these are left out wherever a model is checked against a
+# checkpoint or a config.json: stages.common.load_params (a later stage reading an earlier
+# one's checkpoint), pipeline.fixed_keys (what a workdir's finished stages fix) and
+# hf.architecture_fields (what config.model.hf fixes). Everything else is architecture.
+NOT_ARCHITECTURE = ("dtype", "remat", "attention", "dropout", "scan_layers")
+
+
+def architecture(model: dict) -> dict:
+  """The architecture fields of a model description (dataclasses.asdict of a ModelConfig,
+  or a checkpoint's meta["model"]): what two checkpoints of the same model agree on."""
+  return {k: v for k, v in model.items() if k not in NOT_ARCHITECTURE}
+
+
 def param_count(cfg: ModelConfig, with_embeddings: bool = True) -> int:
   d, f, h = cfg.d_model, cfg.d_ff, cfg.head_dim
   attn = d * cfg.n_heads * h * 2 + d * cfg.n_kv_heads * h * 2

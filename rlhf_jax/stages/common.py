@@ -19,7 +19,7 @@ import numpy as np
 from rlhf_jax.data.batching import Batcher
 from rlhf_jax.data.sources import stream_seed
 from rlhf_jax.model import stacking
-from rlhf_jax.model.transformer import DTYPES
+from rlhf_jax.model.transformer import DTYPES, NOT_ARCHITECTURE, architecture
 from rlhf_jax.train import ensemble as ens
 from rlhf_jax.train import lora
 from rlhf_jax.train import sharding as sh
@@ -42,6 +42,13 @@ def model_meta(ctx) -> dict:
   return {"model": {**dataclasses.asdict(ctx.model_cfg), "arch": ARCH}}
 
 
+def architecture_meta(cfg) -> dict:
+  """What an earlier stage's checkpoint must agree on with the model of `cfg` reading it:
+  the architecture fields (transformer.architecture: model.remat, dtype, attention,
+  dropout and scan_layers may differ) and the revision."""
+  return {"model": {**architecture(dataclasses.asdict(cfg)), "arch": ARCH}}
+
+
 def run_meta(ctx, section) -> dict:
   """The seed and every field of the stage's config section that shapes its trajectory,
   saved with each checkpoint and compared on resume by `check_resume`."""
@@ -61,9 +68,15 @@ _DATA_ORDER = ("seed", "batch_size", "rollout_batch", "ptx_batch")
 
 
 def resume(ckpt: Checkpointer, abstract, name: str, meta: dict):
-  """Restore the latest checkpoint: everything in `meta` but "run" (the model) must
-  match; for "run", `check_resume`. Returns (state, saved meta)."""
-  state, saved = ckpt.restore(abstract, expect_meta={k: v for k, v in meta.items() if k != "run"})
+  """Restore the latest checkpoint: everything in `meta` but "run" must match, the model in
+  its architecture and layer layout (the state is restored in the layout it was saved in);
+  how the model runs (model.remat, dtype, ...) may change, as the pipeline allows for an
+  interrupted stage, and is announced by `check_resume`. Returns (state, saved meta)."""
+  expect = {k: v for k, v in meta.items() if k not in ("run", "model")}
+  if "model" in meta:
+    m = meta["model"]
+    expect["model"] = {**architecture(m), "scan_layers": m.get("scan_layers", False)}
+  state, saved = ckpt.restore(abstract, expect_meta=expect)
   check_resume(name, saved, meta, ckpt.directory)
   return state, saved
 
@@ -71,10 +84,12 @@ def resume(ckpt: Checkpointer, abstract, name: str, meta: dict):
 def check_resume(name: str, saved: dict, meta: dict, where: str) -> None:
   """Refuse a resume that would change the data order; announce any other change
   (a lower learning rate after a divergence, more steps) in one line."""
+  was, now = saved.get("model") or {}, meta.get("model") or {}
+  diff = {f"model.{k}": (was[k], now[k]) for k in NOT_ARCHITECTURE
+          if k in was and k in now and was[k] != now[k]}
   old, new = saved.get("run"), meta["run"]
-  if old is None:  # written before run metadata existed
-    return
-  diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+  if old is not None:  # None: written before run metadata existed
+    diff.update({k: (old.get(k), v) for k, v in new.items() if old.get(k) != v})
   order = {k: v for k, v in diff.items() if k in _DATA_ORDER}
   if order:
     raise CheckpointMismatch(
@@ -99,8 +114,10 @@ def load_params(ctx, stage: str, model, item: str = "params"):
   (quantised for QLoRA) and the adapters merged in, so every caller gets full weights.
   An ensemble's checkpoint (`meta.ensemble`: the reward stage with reward.ensemble > 1)
   holds its members' params stacked on a leading axis; they are returned stacked.
-  A checkpoint written with the other `model.scan_layers` layout is read in its own
-  layout and converted (rlhf_jax/model/stacking.py)."""
+  The checkpoint's model must have `model`'s architecture (`architecture_meta`: a stage
+  may run with another model.remat, dtype, attention or dropout than the one it reads);
+  one written with the other `model.scan_layers` layout is read in its own layout and
+  converted (rlhf_jax/model/stacking.py)."""
   latest = latest_meta(ctx.stage_dir(stage))[1]
   saved = latest if item == "params" else {}
   stored = bool((latest.get("model") or {}).get("scan_layers", False))
@@ -112,7 +129,7 @@ def load_params(ctx, stage: str, model, item: str = "params"):
       target = ens.stack_abstract(target, len(saved["ensemble"]["members"]))
     convert = lambda p: stacking.to_layout(p, model.cfg.scan_layers, axis=1 if saved.get("ensemble") else 0)
     return jax.jit(convert, out_shardings=st.shardings_of(target))(params), meta
-  expect = _model_meta_of(ctx, model)
+  expect = architecture_meta(model.cfg)
   lm = saved.get("lora")
   if lm is None:
     abstract = st.abstract_params(model)
@@ -123,12 +140,6 @@ def load_params(ctx, stage: str, model, item: str = "params"):
   base = hf_params(ctx, model) if lm["base"] == "hf" else load_params(ctx, lm["base"], model)[0]
   trainable, meta = restore_item(ctx.stage_dir(stage), item, ft.abstract_trainable(), expect_meta=expect)
   return ft.merged(trainable, ft.store(base)), meta
-
-
-def _model_meta_of(ctx, model) -> dict:
-  """model_meta(ctx) for `model`'s layer layout (load_params reads the other layout too)."""
-  m = model_meta(ctx)
-  return {"model": {**m["model"], "scan_layers": model.cfg.scan_layers}}
 
 
 def base_source(ctx) -> str:

@@ -29,14 +29,28 @@ def _init_boxed(model: Transformer, rng):
   return model.init(rng, tokens, jnp.ones((1, 8), bool))["params"]
 
 
+@functools.lru_cache(maxsize=32)
+def _cached_boxed(model: Transformer):
+  return jax.eval_shape(functools.partial(_init_boxed, model), jax.random.key(0))
+
+
+def _boxed_shapes(model: Transformer):
+  """The params' shapes with their logical axis names, traced once per model (equal
+  configs, mesh and rules: equal models). Loading a LoRA stage asked for them ~30 times
+  (every FineTune, restore and sharding lookup), 0.2 s of tracing each for a tiny model."""
+  try:
+    return _cached_boxed(model)
+  except TypeError:  # an unhashable (e.g. bound) module
+    return jax.eval_shape(functools.partial(_init_boxed, model), jax.random.key(0))
+
+
 def param_shardings(model: Transformer):
-  boxed = jax.eval_shape(functools.partial(_init_boxed, model), jax.random.key(0))
-  return sh.logical_sharding(boxed, model.mesh, model.rules)
+  return sh.logical_sharding(_boxed_shapes(model), model.mesh, model.rules)
 
 
 def abstract_params(model: Transformer):
   shardings = param_shardings(model)
-  shapes = nn.unbox(jax.eval_shape(functools.partial(_init_boxed, model), jax.random.key(0)))
+  shapes = nn.unbox(_boxed_shapes(model))
   return jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), shapes, shardings)
 
 
