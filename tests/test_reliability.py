@@ -59,8 +59,8 @@ LAUNCH_TIMEOUT = int(os.environ.get("RLHF_JAX_LAUNCH_TIMEOUT", "600"))  # raise 
 #   save: SIGKILL as soon as a new checkpoint directory is being written
 #   term: SIGTERM once a training step has been logged (expects exit 75)
 PLANS = {
-    "pretrain": ["time", "term", "save", "save", "time"],
-    "sft": ["time", "save", "save"],
+    "pretrain": ["time", "term", "save"],
+    "sft": ["time", "save"],
     "label": ["time"],
     "reward": ["term", "time", "save"],
     "ppo": ["term", "save", "time"],
