@@ -38,3 +38,27 @@ if helpers.REPO not in sys.path:  # `from configs import tiny`
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_compilation_cache_dir", helpers.CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+# ------------------------------------------------------------------ test order
+# Many tests read the every-stage reference run (test_reliability.reference_run), which one
+# pytest-xdist worker builds under a file lock while the other would wait. Collected first,
+# test_reference_run_is_complete starts that build at once; the tests that read the run are
+# collected last, so the other worker runs the independent tests meanwhile, and of those the
+# kill-and-resume chains (one group, the longest unit of work) come first.
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "reference_run: the test reads the shared reference run")
+
+
+def pytest_collection_modifyitems(config, items):
+  def rank(item):
+    if item.name == "test_reference_run_is_complete":
+      return 0
+    group = item.get_closest_marker("xdist_group")
+    if group is not None and group.args == ("kill_chains",):
+      return 2
+    if "reference" in item.fixturenames or item.get_closest_marker("reference_run"):
+      return 3
+    return 1
+  items.sort(key=rank)  # stable: file order within each rank

@@ -171,6 +171,7 @@ def _numbers(obj):
       yield from _numbers(v)
 
 
+@pytest.mark.reference_run
 def test_whole_pipeline_end_to_end(tmp_path, tmp_path_factory):
   """All seven stages at test size: every summary finite, the report and its plots written,
   and an interrupted best_of_k stage re-run skips its finished rounds. The first six stages

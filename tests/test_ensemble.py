@@ -16,7 +16,7 @@ from rlhf_jax.train import sharding as sh
 from rlhf_jax.train import state as st
 
 # One worker runs the module, so its module-scoped fixture runs once (pytest-xdist loadgroup).
-pytestmark = pytest.mark.xdist_group("ensemble")
+pytestmark = [pytest.mark.xdist_group("ensemble"), pytest.mark.reference_run]
 
 
 def test_aggregate_rewards_matches_numpy():

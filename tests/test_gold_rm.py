@@ -15,7 +15,7 @@ import pytest
 import helpers
 
 # One worker runs the module, so its module-scoped fixture runs once (pytest-xdist loadgroup).
-pytestmark = pytest.mark.xdist_group("gold_rm")
+pytestmark = [pytest.mark.xdist_group("gold_rm"), pytest.mark.reference_run]
 
 
 @pytest.fixture(scope="module")

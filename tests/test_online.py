@@ -17,7 +17,7 @@ from rlhf_jax import config_lib
 from rlhf_jax.model.transformer import ModelConfig
 
 # One worker runs the module, so its module-scoped fixture runs once (pytest-xdist loadgroup).
-pytestmark = pytest.mark.xdist_group("online")
+pytestmark = [pytest.mark.xdist_group("online"), pytest.mark.reference_run]
 
 # The suite's reference run's overrides (PPO checkpoints every iteration, so a kill lands
 # inside round 2's PPO) and three PPO iterations per round.

@@ -510,6 +510,7 @@ def test_dpo_and_grpo_with_lora_store_adapters_that_merge_onto_sft(reference, tm
 
 
 @KILL_CHAINS
+@pytest.mark.reference_run  # after the chains, on their worker
 def test_at_least_ten_kills_all_resumed_exactly():
   kills = RECORD["kills"]
   if len(RECORD["chains"]) < 5:
