@@ -3,7 +3,6 @@ import importlib.util
 import json
 import re
 import sys
-import time
 
 import pytest
 
@@ -119,14 +118,14 @@ def test_missing_inputs_are_clear_errors(tmp_path):
     builders.load_records('ranking', tmp_path / 'd', tmp_path / 'm')
 
 
-def test_prepare_a_few_thousand_rows_is_fast(tmp_path):
+def test_prepare_a_few_thousand_rows(tmp_path):
+  # (No time bound: speed is measured in benchmarks, not asserted in unit tests.)
   rows = [{'prompt': f'prompt {i}', 'responses': ['a' * (i % 50 + 1), 'b', 'c'],
            'ranking': [i % 3, (i + 1) % 3, (i + 2) % 3]} for i in range(3000)]
   write_jsonl(tmp_path / 'm' / 'train.jsonl', rows)
-  start = time.perf_counter()
   recs, _ = builders.load_records('ranking', tmp_path / 'd', tmp_path / 'm', builder_config='kway')
   assert len(recs) == 3000 and recs[2999]['prompt'] == 'prompt 2999'
-  assert time.perf_counter() - start < 20
+  assert recs[7]['responses'][0] == 'a' * 8 and list(recs[7]['ranks']) == [1, 2, 0]
 
 
 def test_force_prepare_picks_up_edited_files(tmp_path):
