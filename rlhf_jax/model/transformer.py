@@ -205,39 +205,29 @@ def rope_frequencies(cfg: ModelConfig):
   return jnp.asarray(freq, jnp.float32)
 
 
-def rope(x, positions, freq, heads_major: bool = False):
-  """Rotary embedding at integer positions [B, T] (Su et al. 2021) on x [B, T, H, D], or
-  with heads_major on x [B, ..., T, D].
+def rope(x, positions, freq):
+  """Rotary embedding on [B, T, H, D] at integer positions [B, T] (Su et al. 2021).
 
   Rotates the two halves of each head (the "rotate_half" layout of Llama/GPT-NeoX
   checkpoints as transformers stores them)."""
   angle = positions[..., None].astype(jnp.float32) * freq  # [B, T, D/2]
-  if heads_major:
-    shape = angle.shape[:1] + (1,) * (x.ndim - 3) + angle.shape[1:]
-  else:
-    shape = angle.shape[:2] + (1,) + angle.shape[2:]
-  sin, cos = jnp.sin(angle).reshape(shape), jnp.cos(angle).reshape(shape)
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
 
 
-def attention(q, k, v, mask, scale, cap=0.0):
-  """Grouped-query attention in heads-major layout: q [B, K, G, T, D] (query head
-  n = kv * G + g), k/v [B, K, S, D], mask broadcastable to [B, 1, T, S]; -> [B, K, G, T, D].
-
-  Heads-major because XLA's CPU dots want their batch dims leading: on the
-  [B, T, heads, D] layout (`jax.nn.dot_product_attention`'s) XLA transposes q, k, v and
-  the output of every layer separately, forward and backward; here the fused qkv
-  projection is transposed once and the output once (pretrain-shape train step 10%
-  faster on CPU, docs/performance.md). cap > 0: tanh soft-capped scores,
-  cap * tanh(s / cap) (Gemma 2)."""
-  s = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-  if cap:
-    s = cap * jnp.tanh(s / cap)
+def softcap_attention(q, k, v, mask, scale, cap):
+  """Attention with tanh soft-capped scores, cap * tanh(s / cap) (Gemma 2); the fused
+  kernels have no hook for it. q [B,T,N,D], k/v [B,S,K,D], mask broadcastable to [B,1,T,S]."""
+  b, t, n, d = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, t, kv, n // kv, d)
+  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  s = cap * jnp.tanh(s / cap)
   s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
   p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-  return jnp.einsum("bkgts,bksd->bkgtd", p, v)
+  return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, n, d)
 
 
 class Attention(nn.Module):
@@ -257,40 +247,36 @@ class Attention(nn.Module):
         use_bias=cfg.qkv_bias, name="qkv", bias_init=_zeros(("kv_heads", None, "head_dim")),
         kernel_init=nn.with_logical_partitioning(_dense_init(std), ("embed", "kv_heads", None, "head_dim")))(x)
     b, t = x.shape[:2]
-    scale = cfg.attn_scale or cfg.head_dim ** -0.5
-    freq = rope_frequencies(cfg) if cfg.positions == "rope" else None
-    if cfg.attention == "cudnn" and attn_mask is None and cache is None and not cfg.attn_softcap:
-      # The fused GPU kernel takes [B, T, heads, D]; query head n = kv * group + g.
-      q = qkv[:, :, :, :group].reshape(b, t, cfg.n_heads, cfg.head_dim)
-      k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]
-      if cfg.qk_norm:  # Qwen3: per-head RMSNorm of q and k before rotation
-        q = RMSNorm(cfg.norm_eps, dt, name="q_norm")(q)
-        k = RMSNorm(cfg.norm_eps, dt, name="k_norm")(k)
-      if freq is not None:
-        q, k = rope(q, positions, freq), rope(k, positions, freq)
-      q = self.constrain(q, ("batch", "length", "act_heads", "head_dim"))
+    # Query head n = kv * group + g: the layout jax.nn.dot_product_attention expects for GQA.
+    q = qkv[:, :, :, :group].reshape(b, t, cfg.n_heads, cfg.head_dim)
+    k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]
+    if cfg.qk_norm:  # Qwen3: per-head RMSNorm of q and k before rotation
+      q = RMSNorm(cfg.norm_eps, dt, name="q_norm")(q)
+      k = RMSNorm(cfg.norm_eps, dt, name="k_norm")(k)
+    if cfg.positions == "rope":
+      freq = rope_frequencies(cfg)
+      q = rope(q, positions, freq)
+      k = rope(k, positions, freq)
+    q = self.constrain(q, ("batch", "length", "act_heads", "head_dim"))
+    new_cache = None
+    if cache is not None:
+      # Write this call's keys/values at cache_index, attend over all slots.
+      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+      new_cache = {"k": k, "v": v}
+      k, v = k.astype(dt), v.astype(dt)
+    scale = cfg.attn_scale or None  # None: jax's default head_dim ** -0.5
+    if cfg.attention == "cudnn" and attn_mask is None and not cfg.attn_softcap:
       out = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, implementation="cudnn")
-      new_cache = None
     else:
-      qkv = qkv.transpose(0, 2, 3, 1, 4)  # [B, kv_heads, group + 2, T, D]
-      q, k, v = qkv[:, :, :group], qkv[:, :, group], qkv[:, :, group + 1]
-      if cfg.qk_norm:
-        q = RMSNorm(cfg.norm_eps, dt, name="q_norm")(q)
-        k = RMSNorm(cfg.norm_eps, dt, name="k_norm")(k)
-      if freq is not None:
-        q, k = rope(q, positions, freq, True), rope(k, positions, freq, True)
-      q = self.constrain(q, ("batch", "act_heads", None, "length", "head_dim"))
-      new_cache = None
-      if cache is not None:
-        # Write this call's keys/values at cache_index, attend over all slots.
-        k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, cache_index, 0))
-        v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, cache_index, 0))
-        new_cache = {"k": k, "v": v}
-        k, v = k.astype(dt), v.astype(dt)
       if attn_mask is None:  # unpadded causal training batch
+        t = x.shape[1]
         attn_mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
-      out = attention(q, k, v, attn_mask, scale, cfg.attn_softcap)
-      out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.n_heads, cfg.head_dim)
+      if cfg.attn_softcap:
+        out = softcap_attention(q, k, v, attn_mask, cfg.attn_scale or cfg.head_dim ** -0.5,
+                                cfg.attn_softcap)
+      else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask, scale=scale)
     out = nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), dtype=dt, param_dtype=jnp.float32, use_bias=cfg.o_bias,
         name="o", bias_init=_zeros(("embed",)),
@@ -363,7 +349,7 @@ class Transformer(nn.Module):
     attn_mask = None
     if cache is not None:
       # Keys are cache slots; a query at cache_index + i sees valid slots up to itself.
-      s = cache["k"].shape[3] if cfg.scan_layers else cache[0]["k"].shape[2]
+      s = cache["k"].shape[2] if cfg.scan_layers else cache[0]["k"].shape[1]
       q_slot = cache_index + jnp.arange(t)
       causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
       attn_mask = causal[None, None] & kv_mask[:, None, None, :]
@@ -438,11 +424,10 @@ class Transformer(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
-  """Zeroed KV cache: one {'k','v'} of [B, kv_heads, S, head_dim] per layer (heads-major, as
-  `attention` reads it); with cfg.scan_layers one {'k','v'} of [n_layers, B, kv_heads, S,
-  head_dim] (the scan's layout)."""
+  """Zeroed KV cache: one {'k','v'} of [B, S, kv_heads, head_dim] per layer; with
+  cfg.scan_layers one {'k','v'} of [n_layers, B, S, kv_heads, head_dim] (the scan's layout)."""
   dtype = dtype or DTYPES[cfg.dtype]
-  shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+  shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
   if cfg.scan_layers:
     shape = (cfg.n_layers,) + shape
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
