@@ -174,7 +174,8 @@ def get_config(arg=None):
 
 def _shrink(c):
   """Seconds-scale variant for tests."""
-  c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_len=64)
+  # Two KV heads: the suite's 8-device mesh tests (mesh.tensor=2) shard this very model.
+  c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64, max_len=64)
   c.data.update(corpus_docs=2_000, sft_examples=256, reward_prompts=64, rl_prompts=64,
                 eval_prompts=16, vocab_size=256, seq_len=48, max_len=48, prompt_len=24)
   c.pretrain.update(steps=20, batch_size=8, eval_every=10, log_every=5, ckpt_every=10, eval_batches=2)

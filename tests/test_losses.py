@@ -204,6 +204,7 @@ def test_model_dropout_is_on_in_train_steps_and_off_in_evaluation():
     model = st.make_model(cfg)
     params = st.init_params(model, jax.random.key(1))
     for loss, b in ((lm_losses(model)[0], batch), (make_losses(model)[0], rank_batch)):
+      loss = jax.jit(loss)  # as a train step runs it (op by op, each op would compile)
       ev = float(loss(params, b)[0])
       assert ev == float(loss(params, b)[0])  # evaluation is deterministic
       tr = [float(loss(params, b, jax.random.key(i))[0]) for i in (1, 2)]
@@ -236,6 +237,6 @@ def test_initial_lm_loss_is_near_uniform_at_any_width():
     cfg = ModelConfig(vocab_size=512, d_model=d, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=2 * d,
                       max_len=32)
     model = st.make_model(cfg)
-    logits = model.apply({"params": st.init_params(model, jax.random.key(0))}, tokens)["logits"]
+    logits = jax.jit(model.apply)({"params": st.init_params(model, jax.random.key(0))}, tokens)["logits"]
     loss = float(losses.lm_loss(logits, tokens, jnp.ones(tokens.shape))[0])
     assert math.log(512) <= loss < math.log(512) + 1.0, (d, loss)

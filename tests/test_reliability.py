@@ -62,8 +62,8 @@ PLANS = {
     "pretrain": ["time", "term", "save"],
     "sft": ["time", "save"],
     "label": ["time"],
-    "reward": ["term", "time", "save"],
-    "ppo": ["term", "save", "time"],
+    "reward": ["time", "save"],
+    "ppo": ["save", "time"],
     "best_of_k": ["time", "term", "save"],
     "dpo": ["term", "save"],  # reference log-probs are recomputed on resume: must match exactly
     "grpo": ["save", "time"],

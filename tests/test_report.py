@@ -257,16 +257,21 @@ def test_ablation_report_from_fake_arms(tmp_path):
   assert json.load(open(os.path.join(wd, "plan.json")))["overoptimised"] == ["ppo_kl0"]
 
 
-def test_ppo_vs_bok_quick_end_to_end(tmp_path):
-  """The real script at tiny:test size (about 1.5 minutes on 2 CPU cores)."""
+@pytest.mark.reference_run
+def test_ppo_vs_bok_quick_end_to_end(tmp_path, tmp_path_factory):
+  """The real script at tiny:test size. Its shared stages are the suite's reference run
+  (same config and seed), so the runner finds them finished and goes on to the arms."""
   import subprocess
   import sys
   import helpers
+  from test_reliability import copy_before, reference_run
   wd = tmp_path / "abl"
+  copy_before(reference_run(tmp_path_factory), "ppo", wd / "shared")
   p = subprocess.run([sys.executable, "-m", "experiments.ppo_vs_bok", "--workdir", str(wd), "--quick",
                       "--arms", "ppo_kl0,bok_k2", "--set", f"compile_cache={helpers.CACHE_DIR}"],
                      cwd=helpers.REPO, env=helpers.env(), capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
+  assert "[pretrain] finished earlier" in p.stdout and "[reward] finished earlier" in p.stdout, p.stdout[-3000:]
   md = (wd / "report.md").read_text()
   from experiments import ppo_vs_bok
   iters = ppo_vs_bok.BUDGET_SCALE * 3  # the :test config's PPO runs 3 iterations

@@ -5,6 +5,9 @@ subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 """
 import json
 import math
+import os
+
+import pytest
 
 import helpers
 
@@ -107,24 +110,26 @@ def test_sharded_train_step_matches_one_device():
 
 
 _MESH = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
-_MODEL = ["--config.model.n_heads=2", "--config.model.n_kv_heads=2"]
 
 
-def test_pretrain_cli_on_mesh_matches_one_device(tmp_path):
+def _reference(tmp_path_factory):
+  from test_reliability import OVERRIDES, reference_run
+  return reference_run(tmp_path_factory), OVERRIDES
+
+
+@pytest.mark.reference_run
+def test_pretrain_cli_on_mesh_matches_one_device(tmp_path, tmp_path_factory):
+  """The suite's reference pretraining (one device) run again on data=2,fsdp=2,tensor=2."""
   from configs import tiny
   from rlhf_jax import config_lib
   c = tiny.get_config("test")
   c.mesh.update(data=2, fsdp=2, tensor=2)
-  c.model.update(n_heads=2, n_kv_heads=2)
   config_lib.validate(c, 8)  # the overrides below form a valid 8-device config
-
-  steps = ["--config.stages=pretrain", "--config.pretrain.steps=6", "--config.pretrain.eval_every=6",
-           "--config.pretrain.ckpt_every=6"]
-  one = helpers.run_cli(tmp_path / "one", *steps, *_MODEL, timeout=300)
-  assert one.returncode == 0, one.stderr[-3000:]
-  eight = helpers.run_cli(tmp_path / "eight", *steps, *_MODEL, *_MESH, devices=8, timeout=300)
+  ref, overrides = _reference(tmp_path_factory)
+  eight = helpers.run_cli(tmp_path / "eight", *overrides, "--config.stages=pretrain", *_MESH, devices=8,
+                          timeout=300)
   assert eight.returncode == 0, eight.stderr[-3000:]
-  s1 = helpers.read_json(tmp_path / "one" / "pretrain" / "summary.json")
+  s1 = helpers.read_json(os.path.join(ref, "pretrain", "summary.json"))
   s8 = helpers.read_json(tmp_path / "eight" / "pretrain" / "summary.json")
   rel = abs(s1["eval_loss"] - s8["eval_loss"]) / abs(s1["eval_loss"])
   print(f"eval_loss 1 device {s1['eval_loss']!r}, 8 devices {s8['eval_loss']!r}, rel diff {rel:.2e}")
@@ -132,43 +137,36 @@ def test_pretrain_cli_on_mesh_matches_one_device(tmp_path):
   assert math.isclose(s1["init_eval_loss"], s8["init_eval_loss"], rel_tol=1e-5)
   assert s8["eval_loss"] < s8["init_eval_loss"]
   # The 8-device checkpoint was written from sharded arrays and holds full-size params.
-  a1 = helpers.restore_all(str(tmp_path / "one" / "pretrain"))["arrays"]
+  a1 = helpers.restore_all(os.path.join(ref, "pretrain"))["arrays"]
   a8 = helpers.restore_all(str(tmp_path / "eight" / "pretrain"))["arrays"]
   assert a1.keys() == a8.keys()
   for k in a1:
     assert a1[k].shape == a8[k].shape, k
 
 
-def test_ppo_iteration_on_mesh_matches_one_device(tmp_path):
-  """One PPO iteration (rollout, four forwards, GAE, updates) on data=2,fsdp=2,tensor=2
-  matches one device, starting from the same SFT / reward checkpoints."""
-  import shutil
-  ppo = ["--config.ppo.iterations=1", "--config.ppo.eval_every=1", "--config.ppo.ckpt_every=1"]
-  one = tmp_path / "one"
-  p = helpers.run_cli(one, "--config.stages=pretrain,sft,label,reward,ppo", *ppo, *_MODEL,
-                      timeout=400)
+@pytest.mark.reference_run
+def test_ppo_iteration_on_mesh_matches_one_device(tmp_path, tmp_path_factory):
+  """PPO (rollouts, four forwards, GAE, updates, adaptive KL, evaluations) on
+  data=2,fsdp=2,tensor=2 matches the reference run's one-device PPO, starting from the
+  same SFT / reward checkpoints."""
+  from test_reliability import copy_before
+  ref, overrides = _reference(tmp_path_factory)
+  eight = copy_before(ref, "ppo", tmp_path / "eight")
+  p = helpers.run_cli(eight, *overrides, "--config.stages=ppo", *_MESH, devices=8, timeout=400)
   assert p.returncode == 0, p.stderr[-3000:]
-  eight = tmp_path / "eight"
-  eight.mkdir()
-  for name in ("pretrain", "sft", "label", "reward"):
-    shutil.copytree(one / name, eight / name)
-  for name in ("tokenizer.model", "config.json"):
-    shutil.copy(one / name, eight / name)
-  p = helpers.run_cli(eight, "--config.stages=ppo", *ppo, *_MODEL, *_MESH, devices=8, timeout=400)
-  assert p.returncode == 0, p.stderr[-3000:]
-  r1 = [json.loads(l) for l in open(one / "ppo" / "metrics.jsonl")]
-  r8 = [json.loads(l) for l in open(eight / "ppo" / "metrics.jsonl")]
+  r1 = [json.loads(l) for l in open(os.path.join(ref, "ppo", "metrics.jsonl"))]
+  r8 = [json.loads(l) for l in open(os.path.join(eight, "ppo", "metrics.jsonl"))]
   assert [r["step"] for r in r1] == [r["step"] for r in r8]
   worst = 0.0
   for a, b in zip(r1, r8):
-    for k in ("proxy_reward", "kl", "policy_loss", "value_loss", "explained_variance",
+    for k in ("proxy_reward", "kl", "kl_coef", "policy_loss", "value_loss", "explained_variance",
               "response_length", "gold_reward", "eval_gold_reward", "eval_kl"):
       if k in a:
         worst = max(worst, abs(a[k] - b[k]) / max(abs(a[k]), 1e-3))
         assert math.isclose(a[k], b[k], rel_tol=1e-3, abs_tol=1e-4), (k, a[k], b[k])
-  print(f"PPO iteration, 1 vs 8 devices: largest relative difference {worst:.2e}")
-  s1 = helpers.read_json(one / "ppo" / "summary.json")
-  s8 = helpers.read_json(eight / "ppo" / "summary.json")
+  print(f"PPO, 1 vs 8 devices: largest relative difference {worst:.2e}")
+  s1 = helpers.read_json(os.path.join(ref, "ppo", "summary.json"))
+  s8 = helpers.read_json(os.path.join(eight, "ppo", "summary.json"))
   assert math.isclose(s1["gold_reward"], s8["gold_reward"], rel_tol=1e-4, abs_tol=1e-5)
 
 
