@@ -15,6 +15,14 @@ forward passes, epochs x minibatches of policy and critic updates) exactly as
 optimizer state, frozen models), temp (activations, KV cache, gradients), and
 `total` = arguments + outputs + temp - aliased (the donated state). On GPU/TPU the
 same analysis comes from that backend's compiler; the CPU figures are labelled so.
+
+The CPU backend runs bf16 dots in f32 and keeps f32 copies a GPU would not (7B LoRA scan:
+temp 82 GB on CPU, 48 GB for an H100). --target h100|h200 compiles for that GPU without one
+(`rlhf_jax.aot`: deviceless XLA:GPU, no autotuning; --fsdp n gives n such devices):
+
+  pip install jax-cuda13-plugin==$JAXV jax-cuda13-pjrt==$JAXV   # $JAXV: the installed jax version
+  JAX_PLATFORMS=cpu python -m rlhf_jax.bench_memory --target h100 --sizes 7b \
+      --methods lora_bf16 --scan_layers true --exact
 With --sampling both, it also times rollouts with adapters merged once vs applied on the
 fly (`sampling_speed`, a small model, wall-clock on this machine).
 """
