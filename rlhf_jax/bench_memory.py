@@ -23,6 +23,7 @@ temp 82 GB on CPU, 48 GB for an H100). --target h100|h200 compiles for that GPU 
   pip install jax-cuda13-plugin==$JAXV jax-cuda13-pjrt==$JAXV   # $JAXV: the installed jax version
   JAX_PLATFORMS=cpu python -m rlhf_jax.bench_memory --target h100 --sizes 7b \
       --methods lora_bf16 --scan_layers true --exact
+
 With --sampling both, it also times rollouts with adapters merged once vs applied on the
 fly (`sampling_speed`, a small model, wall-clock on this machine).
 """
