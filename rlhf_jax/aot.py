@@ -25,7 +25,8 @@ import os
 # (CUDA 13.0, cuDNN 9.12), which the CUDA plugin's deviceless compile was checked with.
 _H100 = dict(name="NVIDIA H100 80GB HBM3", memory=84978434048, bandwidth=3352320000000)
 # H200: DERIVED, not read from a device: the same GH100 die (132 SMs, 50 MiB L2, sm_90) with
-# 141 GB of HBM3e at 4.8 TB/s (NVIDIA's H200 product brief); 143771 MiB as nvidia-smi shows it.
+# 141 GB of HBM3e at 4.8 TB/s (NVIDIA's H200 product brief); 143771 MiB, the size nvidia-smi
+# is commonly reported to show for it (not checked on a device).
 _H200 = dict(name="NVIDIA H200", memory=143771 * 2**20, bandwidth=4800000000000)
 GPUS = {"h100": _H100, "h200": _H200}
 TARGETS = ("host",) + tuple(GPUS)
