@@ -15,6 +15,15 @@ forward passes, epochs x minibatches of policy and critic updates) exactly as
 optimizer state, frozen models), temp (activations, KV cache, gradients), and
 `total` = arguments + outputs + temp - aliased (the donated state). On GPU/TPU the
 same analysis comes from that backend's compiler; the CPU figures are labelled so.
+
+The CPU backend runs bf16 dots in f32 and keeps f32 copies a GPU would not (7B LoRA scan:
+temp 82 GB on CPU, 48 GB for an H100). --target h100|h200 compiles for that GPU without one
+(`rlhf_jax.aot`: deviceless XLA:GPU, no autotuning; --fsdp n gives n such devices):
+
+  pip install jax-cuda13-plugin==$JAXV jax-cuda13-pjrt==$JAXV   # $JAXV: the installed jax version
+  JAX_PLATFORMS=cpu python -m rlhf_jax.bench_memory --target h100 --sizes 7b \
+      --methods lora_bf16 --scan_layers true --exact
+
 With --sampling both, it also times rollouts with adapters merged once vs applied on the
 fly (`sampling_speed`, a small model, wall-clock on this machine).
 """
@@ -24,6 +33,7 @@ import argparse
 import itertools
 import json
 import os
+import sys
 import time
 
 SIZES = {
@@ -65,12 +75,15 @@ def ppo_memory_extrapolated(size: str, method: str, layers=(4, 6), **kw) -> dict
 def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, rollout_batch: int = 64,
                prompt_len: int = 256, response_len: int = 256, minibatches: int = 4,
                score_chunks: int = 1, n_layers: int | None = None, scan_layers: bool = False,
-               lora_sampling: str = "merge") -> dict:
-  """Compile one PPO iteration for abstract inputs; XLA's memory analysis per device."""
+               lora_sampling: str = "merge", target: str = "host") -> dict:
+  """Compile one PPO iteration for abstract inputs; XLA's memory analysis per device.
+  `target`: `host` compiles for this machine's backend, `h100` / `h200` for that GPU
+  without one (`rlhf_jax.aot`: deviceless XLA:GPU compile, needs the CUDA plugin)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   from configs import tiny
+  from rlhf_jax import aot
   from rlhf_jax.bench import _compile
   from rlhf_jax.model.transformer import ModelConfig
   from rlhf_jax.sampling import SampleConfig
@@ -83,7 +96,8 @@ def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, ro
   dims = dict(SIZES[size], **({"n_layers": n_layers} if n_layers else {}))
   cfg = ModelConfig(**dims, max_len=prompt_len + response_len, tie_embeddings=False,
                     dtype="bfloat16", remat=remat, scan_layers=scan_layers)
-  mesh = sh.mesh_of((1, fsdp, 1), jax.devices()[:fsdp])
+  devs = aot.devices(target, fsdp)  # first: a missing plugin fails before any tracing
+  mesh = sh.mesh_of((1, fsdp, 1), devs)
   model = st.make_model(cfg, mesh)
   pc = tiny.get_config().ppo.copy_and_resolve_references()
   with pc.unlocked():  # score_chunks is optional in configs
@@ -122,7 +136,7 @@ def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, ro
   nbytes = lambda t: int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(t)))
   return {"size": size, "method": method, "lora_rank": rank, "base_storage": quant, "remat": remat,
           "scan_layers": scan_layers, "lora_sampling": lora_sampling if rank else None,
-          "fsdp": fsdp, "devices": f"{fsdp} x {jax.devices()[0].platform} (compile-only)",
+          "fsdp": fsdp, "target": target, "devices": aot.label(devs),
           "rollout": f"{rollout_batch} x ({prompt_len} prompt + {response_len} response)",
           "minibatches": minibatches, "score_chunks": score_chunks, "params": lora.count(a_params),
           "trainable_params": lora.count(a_state["params"]) + lora.count(a_state["critic_params"]),
@@ -205,11 +219,19 @@ def main(argv=None):
                   help="comma-separated model.scan_layers values (false,true compares both)")
   ap.add_argument("--lora_sampling", default="merge", choices=("merge", "on_the_fly"),
                   help="lora.sampling: rollouts on merged bf16 weights or adapters applied per step")
+  ap.add_argument("--target", default="host", choices=("host", "h100", "h200"),
+                  help="compile for this host's backend, or deviceless for that GPU (CUDA plugin)")
   ap.add_argument("--out", default="")
   a = ap.parse_args(argv)
-  if a.fsdp > 1 and "XLA_FLAGS" not in os.environ:
+  if a.target == "host" and a.fsdp > 1 and "XLA_FLAGS" not in os.environ:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.fsdp}"
   scans = [{"true": True, "false": False}[v.strip().lower()] for v in a.scan_layers.split(",")]
+  from rlhf_jax import aot
+  try:  # before anything compiles: a GPU target without the CUDA plugin is one line, not a traceback
+    aot.devices(a.target, a.fsdp)
+  except aot.AotError as e:
+    print(f"rlhf_jax.bench_memory: error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
   rows = []
   if a.sampling:
     for quant in ("none", "nf4"):
@@ -220,7 +242,7 @@ def main(argv=None):
       for remat in a.remat.split(","):
         for chunks, scan in itertools.product(map(int, a.score_chunks.split(",")), scans):
           kw = dict(remat=remat, fsdp=a.fsdp, score_chunks=chunks, minibatches=a.minibatches,
-                    scan_layers=scan, lora_sampling=a.lora_sampling)
+                    scan_layers=scan, lora_sampling=a.lora_sampling, target=a.target)
           if a.exact:
             rows.append(ppo_memory(size, method, **kw))
           else:

@@ -79,3 +79,26 @@ def test_peak_override_and_hf_skip_message(tmp_path, monkeypatch):
   monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
   assert bench.run_hf(_config(), ["train"], str(tmp_path))["status"] == (
       "skipped: torch/transformers not installed")
+
+
+def test_bench_memory_gpu_target_without_plugin_is_one_line_and_host_rows_keep_their_label(
+    tmp_path, monkeypatch, capsys):
+  import jax
+  from rlhf_jax import bench_memory
+  argv = ["--sizes", "test", "--methods", "full", "--exact", "--out", str(tmp_path / "m.json")]
+  # --target host (the default) builds the row as before; the compile itself is stubbed (~40 s on CPU).
+  monkeypatch.setattr(bench, "_compile", lambda jitted, *a, options=None: (None, {
+      "compile_s": 0.0, "compiled_bytes": {"total": 1}}))
+  row, = bench_memory.main(argv)
+  assert row["devices"] == "1 x cpu (compile-only)" and row["target"] == "host"
+  assert row["size"] == "test" and row["per_device_bytes"] == {"total": 1}
+  # A deviceless H100 compile needs jax-cuda13-plugin (CI has none): one line saying what to do.
+  if importlib.util.find_spec("jax_plugins") and importlib.util.find_spec("jax_plugins.xla_cuda13"):
+    pytest.skip("the CUDA plugin is installed here; the message is for when it is not")
+  (tmp_path / "m.json").unlink()
+  with pytest.raises(SystemExit) as e:
+    bench_memory.main(argv + ["--target", "h100"])
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and len(err.splitlines()) == 1, err
+  assert f"pip install jax-cuda13-plugin=={jax.__version__} jax-cuda13-pjrt=={jax.__version__}" in err
+  assert "JAX_PLATFORMS=cpu" in err and not (tmp_path / "m.json").exists()
