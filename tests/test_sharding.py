@@ -75,6 +75,9 @@ shards = lambda tree: {jax.tree_util.keystr(p): [list(x.shape), list(x.addressab
 print(json.dumps(dict(
     losses1=l1, losses8=l8, diffs1=diffs1, diffs=diffs, init_diff=init_diff,
     mlp=shards(mlp), trained_mlp=shards(s8["params"]["layer_0"]["mlp"]),
+    # AdamW's first and second moments of those kernels, after the steps.
+    moments=shards([s for s in jax.tree.leaves(s8["opt_state"], is_leaf=lambda x: hasattr(x, "mu"))
+                    if hasattr(s, "mu")][0]),
     embed_shard=list(params8["embed"].addressable_shards[0].data.shape),
     step8=int(s8["step"]), n_devices=len(params8["embed"].sharding.device_set))))
 """
@@ -88,6 +91,12 @@ def test_sharded_train_step_matches_one_device():
     for name, (shape, shard, spec, replicated) in tree.items():
       assert not replicated, (name, spec)
       assert math.prod(shard) * 4 == math.prod(shape), (name, shape, shard, spec)  # fsdp=2 x tensor=2
+  # Optimizer moments are split like their params (they were replicated: every FSDP
+  # device held both AdamW moments of the whole model).
+  moments = {k: v for k, v in r["moments"].items() if "['layer_0']['mlp']" in k}
+  assert len(moments) == 2 * len(r["mlp"]), sorted(r["moments"])
+  for name, (shape, shard, spec, replicated) in moments.items():
+    assert not replicated and math.prod(shard) * 4 == math.prod(shape), (name, shape, shard, spec)
   assert r["embed_shard"] == [32, 16], r  # vocab over tensor, embed over fsdp
   assert r["n_devices"] == 8
   # Sharded init gives the same random weights as single-device init.

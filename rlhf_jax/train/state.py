@@ -68,6 +68,29 @@ def shardings_of(tree):
   return jax.tree.map(lambda x: x.sharding, tree)
 
 
+def _like_inputs(shapes, abstract_args):
+  """Output shardings for `jit_init`: an output leaf whose key path ends with an input leaf's
+  path, and has its shape, takes that leaf's sharding; any other is left to the compiler.
+
+  Optimizer moments mirror the params they update (opt_state[..].mu['embed'] is params
+  ['embed']'s), but optax builds them as zeros from the shape alone, so XLA's propagation
+  left them replicated: under FSDP every device held both AdamW moments of the whole model.
+  """
+  known = {}
+  for arg in abstract_args:
+    for path, x in jax.tree_util.tree_flatten_with_path(arg)[0]:
+      if getattr(x, "sharding", None) is not None:
+        known.setdefault(tuple(path), x)
+
+  def pick(path, s):
+    for i in range(len(path)):
+      x = known.get(tuple(path[i:]))
+      if x is not None and x.shape == s.shape:
+        return x.sharding
+    return None  # the compiler's choice
+  return jax.tree_util.tree_map_with_path(pick, shapes)
+
+
 def jit_init(fn, *abstract_args):
   """Compile `fn` and return (compiled, abstract output with its shardings).
 
@@ -75,8 +98,8 @@ def jit_init(fn, *abstract_args):
   moments included) without materialising it, so a checkpoint can be
   restored straight onto them.
   """
-  compiled = jax.jit(fn).lower(*abstract_args).compile()
   shapes = jax.eval_shape(fn, *abstract_args)
+  compiled = jax.jit(fn, out_shardings=_like_inputs(shapes, abstract_args)).lower(*abstract_args).compile()
   abstract = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d),
                           shapes, compiled.output_shardings)
   return compiled, abstract
