@@ -139,6 +139,7 @@ def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, ro
   fused = jax.jit(iteration, in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, a_frozen),
                                            jax.tree.map(lambda x: x.sharding, a_batch), rep),
                   out_shardings=(state_sh, rep), donate_argnums=(0,))
+  t0 = time.perf_counter()
   try:
     _, info = _compile(fused, a_state, a_frozen, a_batch, a_rng)
   except Exception as e:  # pylint: disable=broad-except
@@ -146,7 +147,7 @@ def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, ro
     # refusal (with XLA's figure of what it needed) is this row's answer.
     if not (target in aot.TPUS and "RESOURCE_EXHAUSTED" in str(e)):
       raise
-    info = {"compile_s": float("nan"), "compiled_bytes": None,
+    info = {"compile_s": time.perf_counter() - t0, "compiled_bytes": None,
             "does_not_fit": str(e).strip().splitlines()[0]}
   nbytes = lambda t: int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(t)))
   return {"size": size, "method": method, "lora_rank": rank, "base_storage": quant, "remat": remat,
