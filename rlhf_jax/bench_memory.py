@@ -124,7 +124,18 @@ def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, ro
             "critic_opt_state": copt.init(critic), "step": jnp.zeros((), jnp.int32),
             "kl_coef": jnp.float32(0.05), "skipped": jnp.zeros((), jnp.int32)}
 
-  _, a_state = st.jit_init(fresh, policy_ft.abstract_trainable(), critic_ft.abstract_trainable())
+  row = {"size": size, "method": method, "lora_rank": rank, "base_storage": quant, "remat": remat,
+         "scan_layers": scan_layers, "lora_sampling": lora_sampling if rank else None,
+         "fsdp": fsdp, "target": target, "devices": aot.label(devs),
+         "rollout": f"{rollout_batch} x ({prompt_len} prompt + {response_len} response)",
+         "minibatches": minibatches, "score_chunks": score_chunks}
+  try:
+    _, a_state = st.jit_init(fresh, policy_ft.abstract_trainable(), critic_ft.abstract_trainable())
+  except Exception as e:  # pylint: disable=broad-except
+    if not _refused(e, target):
+      raise
+    # The fresh train state alone (params and AdamW moments) is over the chip's HBM.
+    return dict(row, per_device_bytes=None, does_not_fit="train state: " + _first_line(e))
   a_params = st.abstract_params(model)
   a_base = _abstract_stored(a_params, policy_ft)
   rep = sh.replicated(mesh)
@@ -145,20 +156,25 @@ def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, ro
   except Exception as e:  # pylint: disable=broad-except
     # XLA:TPU checks the program against the chip's HBM and refuses to compile it: that
     # refusal (with XLA's figure of what it needed) is this row's answer.
-    if not (target in aot.TPUS and "RESOURCE_EXHAUSTED" in str(e)):
+    if not _refused(e, target):
       raise
-    info = {"compile_s": time.perf_counter() - t0, "compiled_bytes": None,
-            "does_not_fit": str(e).strip().splitlines()[0]}
+    info = {"compile_s": time.perf_counter() - t0, "compiled_bytes": None, "does_not_fit": _first_line(e)}
   nbytes = lambda t: int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(t)))
-  return {"size": size, "method": method, "lora_rank": rank, "base_storage": quant, "remat": remat,
-          "scan_layers": scan_layers, "lora_sampling": lora_sampling if rank else None,
-          "fsdp": fsdp, "target": target, "devices": aot.label(devs),
-          "rollout": f"{rollout_batch} x ({prompt_len} prompt + {response_len} response)",
-          "minibatches": minibatches, "score_chunks": score_chunks, "params": lora.count(a_params),
+  return {**row, "params": lora.count(a_params),
           "trainable_params": lora.count(a_state["params"]) + lora.count(a_state["critic_params"]),
           "state_bytes": nbytes(a_state), "frozen_bytes": nbytes(a_frozen),
           "compile_s": round(info["compile_s"], 1), "per_device_bytes": info["compiled_bytes"],
           **({"does_not_fit": info["does_not_fit"]} if "does_not_fit" in info else {})}
+
+
+def _refused(err: Exception, target: str) -> bool:
+  """XLA:TPU refused to compile for want of HBM: the row's answer, not a failure."""
+  from rlhf_jax import aot
+  return target in aot.TPUS and "RESOURCE_EXHAUSTED" in str(err)
+
+
+def _first_line(err: Exception) -> str:
+  return str(err).strip().splitlines()[0]
 
 
 def _abstract_stored(a_params, ft):
