@@ -1,4 +1,4 @@
-"""Compile-only devices for XLA's memory analysis: this host's, or a GPU that is not here.
+"""Compile-only devices for XLA's memory analysis: this host's, or a GPU/TPU that is not here.
 
 `devices("h100", n)` returns n compile-only CUDA devices built from a text
 `GpuTargetConfigProto` (jax.experimental.topologies.get_topology_desc). A mesh of them
@@ -12,6 +12,10 @@ Needs the CUDA PJRT plugin of the installed jax version (no GPU, driver or CUDA 
   pip install jax-cuda13-plugin==<jax version> jax-cuda13-pjrt==<jax version>
 and JAX_PLATFORMS=cpu, without which the plugin's initialize() checks for cuDNN/cuBLAS,
 fails on a machine without them and never registers its topology factory.
+
+`devices("v5e-8" | "v4-8", n)` does the same for a TPU slice with libtpu's compile-only
+topology (the libtpu that `jax[tpu]==<jax version>` pins; no TPU needed): XLA:TPU itself
+refuses a program that does not fit the chip's HBM (RESOURCE_EXHAUSTED at compile time).
 """
 from __future__ import annotations
 
@@ -29,7 +33,15 @@ _H100 = dict(name="NVIDIA H100 80GB HBM3", memory=84978434048, bandwidth=3352320
 # is commonly reported to show for it (not checked on a device).
 _H200 = dict(name="NVIDIA H200", memory=143771 * 2**20, bandwidth=4800000000000)
 GPUS = {"h100": _H100, "h200": _H200}
-TARGETS = ("host",) + tuple(GPUS)
+# TPU slices as libtpu's topology factory names them (the names and arguments MaxText's
+# accelerator_to_spec_map passes to get_topology_desc). v5e-8: one host with 8 single-core
+# chips (16 GB HBM each); v4-8: 4 chips (32 GB each), each chip's two TensorCores one
+# "megacore" device as JAX uses them on a v4 (without megacore: 8 devices of 16 GB).
+TPUS = {  # target -> (devices, get_topology_desc arguments)
+    "v5e-8": (8, dict(topology_name="v5e:2x4", chip_config_name="default", chips_per_host_bounds=(2, 4, 1))),
+    "v4-8": (4, dict(topology_name="v4:2x2x1", chip_config_name="megacore", chips_per_host_bounds=(2, 2, 1))),
+}
+TARGETS = ("host",) + tuple(GPUS) + tuple(TPUS)
 
 _SPEC = """gpu_device_info {{
   threads_per_block_limit: 1024
@@ -68,7 +80,8 @@ def target_config(target: str) -> str:
 
 
 def devices(target: str = "host", n: int = 1) -> list:
-  """n devices to build a mesh from: this host's (`host`) or compile-only GPUs (`h100`, `h200`)."""
+  """n devices to build a mesh from: this host's (`host`), compile-only GPUs (`h100`, `h200`)
+  or the first n chips of a compile-only TPU slice (`v5e-8`, `v4-8`; n divides its chips)."""
   import jax
   if target == "host":
     devs = jax.devices()
@@ -76,6 +89,8 @@ def devices(target: str = "host", n: int = 1) -> list:
       raise AotError(f"--target host: {n} devices asked, {len(devs)} present (on CPU set "
                      f"XLA_FLAGS=--xla_force_host_platform_device_count={n})")
     return devs[:n]
+  if target in TPUS:
+    return _tpu_devices(target, n)
   if target not in GPUS:
     raise AotError(f"--target {target}: unknown; known: {', '.join(TARGETS)}")
   from jax.experimental import topologies
@@ -86,11 +101,44 @@ def devices(target: str = "host", n: int = 1) -> list:
     raise AotError(_why(target, e)) from e
 
 
+def _tpu_devices(target: str, n: int) -> list:
+  """The first n compile-only chips of a TPU slice; n must divide its chip count (a mesh
+  over part of a slice is what a run with fewer devices would use)."""
+  import jax
+  from jax.experimental import topologies
+  count, kw = TPUS[target]
+  if n < 1 or count % n:  # before libtpu: a bad --fsdp is one line wherever it runs
+    raise AotError(f"--target {target} has {count} devices; --fsdp must divide {count} (got {n})")
+  v = jax.__version__
+  if importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
+    raise AotError(f"--target {target} compiles for a TPU that is not here and needs libtpu: "
+                   f'pip install "jax[tpu]=={v}", then run with JAX_PLATFORMS=cpu')
+  # No GCE metadata server queries (nothing touches the network at run time).
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms and "tpu" not in platforms.split(","):
+    # libtpu takes /tmp/libtpu_lockfile even for a compile-only topology, so a second
+    # process fails (ABORTED ... lockfile); the lock guards TPU chips, which this one never opens.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    devs = topologies.get_topology_desc(platform="tpu", **kw).devices
+  except Exception as e:  # pylint: disable=broad-except
+    msg = str(e).splitlines()[0] if str(e) else ""
+    hint = ("; another process holds libtpu's lock: run with JAX_PLATFORMS=cpu"
+            if "lockfile" in msg else "")
+    raise AotError(f"--target {target}: libtpu's compile-only topology failed "
+                   f"({type(e).__name__}: {msg}){hint}") from e
+  assert len(devs) == count, (target, len(devs))
+  return devs[:n]
+
+
 def label(devs: list) -> str:
   """How a row names the devices it was compiled for."""
   d = devs[0]
   if d.platform == "cpu":
     return f"{len(devs)} x cpu (compile-only)"
+  if d.platform == "tpu":
+    return f"{len(devs)} x {d.device_kind} (deviceless XLA:TPU compile)"
   cc = getattr(d, "compute_capability", "9.0").replace(".", "")
   return f"{len(devs)} x {d.device_kind} (deviceless XLA:GPU compile, sm_{cc})"
 

@@ -24,6 +24,9 @@ temp 82 GB on CPU, 48 GB for an H100). --target h100|h200 compiles for that GPU 
   JAX_PLATFORMS=cpu python -m rlhf_jax.bench_memory --target h100 --sizes 7b \
       --methods lora_bf16 --scan_layers true --exact
 
+--target v5e-8|v4-8 does the same for a TPU slice with libtpu's compile-only topology
+(pip install "jax[tpu]==$JAXV"; --fsdp must divide the slice's 8 / 4 devices).
+
 With --sampling both, it also times rollouts with adapters merged once vs applied on the
 fly (`sampling_speed`, a small model, wall-clock on this machine).
 """
@@ -62,6 +65,8 @@ def ppo_memory_extrapolated(size: str, method: str, layers=(4, 6), **kw) -> dict
   depth = SIZES[size]["n_layers"]
   lo, hi = layers
   one, two = (ppo_memory(size, method, n_layers=n, **kw) for n in (lo, hi))
+  if one["per_device_bytes"] is None or two["per_device_bytes"] is None:
+    return dict(two, extrapolated_from_layers=None)  # a TPU refused a shallow one: no line to draw
   row = dict(two, extrapolated_from_layers=[lo, hi], compile_s=one["compile_s"] + two["compile_s"])
   lin = lambda a, b: int(a + (depth - lo) * (b - a) / (hi - lo))
   for k in ("params", "trainable_params", "state_bytes", "frozen_bytes"):
@@ -78,7 +83,9 @@ def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, ro
                lora_sampling: str = "merge", target: str = "host") -> dict:
   """Compile one PPO iteration for abstract inputs; XLA's memory analysis per device.
   `target`: `host` compiles for this machine's backend, `h100` / `h200` for that GPU
-  without one (`rlhf_jax.aot`: deviceless XLA:GPU compile, needs the CUDA plugin)."""
+  without one (`rlhf_jax.aot`: deviceless XLA:GPU compile, needs the CUDA plugin), `v5e-8` /
+  `v4-8` for that TPU slice (libtpu); a TPU that refuses the program for want of HBM gives
+  a row with `does_not_fit` (XLA:TPU's message) and no per-device figures."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -117,7 +124,18 @@ def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, ro
             "critic_opt_state": copt.init(critic), "step": jnp.zeros((), jnp.int32),
             "kl_coef": jnp.float32(0.05), "skipped": jnp.zeros((), jnp.int32)}
 
-  _, a_state = st.jit_init(fresh, policy_ft.abstract_trainable(), critic_ft.abstract_trainable())
+  row = {"size": size, "method": method, "lora_rank": rank, "base_storage": quant, "remat": remat,
+         "scan_layers": scan_layers, "lora_sampling": lora_sampling if rank else None,
+         "fsdp": fsdp, "target": target, "devices": aot.label(devs),
+         "rollout": f"{rollout_batch} x ({prompt_len} prompt + {response_len} response)",
+         "minibatches": minibatches, "score_chunks": score_chunks}
+  try:
+    _, a_state = st.jit_init(fresh, policy_ft.abstract_trainable(), critic_ft.abstract_trainable())
+  except Exception as e:  # pylint: disable=broad-except
+    if not _refused(e, target):
+      raise
+    # The fresh train state alone (params and AdamW moments) is over the chip's HBM.
+    return dict(row, per_device_bytes=None, does_not_fit="train state: " + _first_line(e))
   a_params = st.abstract_params(model)
   a_base = _abstract_stored(a_params, policy_ft)
   rep = sh.replicated(mesh)
@@ -132,16 +150,31 @@ def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, ro
   fused = jax.jit(iteration, in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, a_frozen),
                                            jax.tree.map(lambda x: x.sharding, a_batch), rep),
                   out_shardings=(state_sh, rep), donate_argnums=(0,))
-  _, info = _compile(fused, a_state, a_frozen, a_batch, a_rng)
+  t0 = time.perf_counter()
+  try:
+    _, info = _compile(fused, a_state, a_frozen, a_batch, a_rng)
+  except Exception as e:  # pylint: disable=broad-except
+    # XLA:TPU checks the program against the chip's HBM and refuses to compile it: that
+    # refusal (with XLA's figure of what it needed) is this row's answer.
+    if not _refused(e, target):
+      raise
+    info = {"compile_s": time.perf_counter() - t0, "compiled_bytes": None, "does_not_fit": _first_line(e)}
   nbytes = lambda t: int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(t)))
-  return {"size": size, "method": method, "lora_rank": rank, "base_storage": quant, "remat": remat,
-          "scan_layers": scan_layers, "lora_sampling": lora_sampling if rank else None,
-          "fsdp": fsdp, "target": target, "devices": aot.label(devs),
-          "rollout": f"{rollout_batch} x ({prompt_len} prompt + {response_len} response)",
-          "minibatches": minibatches, "score_chunks": score_chunks, "params": lora.count(a_params),
+  return {**row, "params": lora.count(a_params),
           "trainable_params": lora.count(a_state["params"]) + lora.count(a_state["critic_params"]),
           "state_bytes": nbytes(a_state), "frozen_bytes": nbytes(a_frozen),
-          "compile_s": round(info["compile_s"], 1), "per_device_bytes": info["compiled_bytes"]}
+          "compile_s": round(info["compile_s"], 1), "per_device_bytes": info["compiled_bytes"],
+          **({"does_not_fit": info["does_not_fit"]} if "does_not_fit" in info else {})}
+
+
+def _refused(err: Exception, target: str) -> bool:
+  """XLA:TPU refused to compile for want of HBM: the row's answer, not a failure."""
+  from rlhf_jax import aot
+  return target in aot.TPUS and "RESOURCE_EXHAUSTED" in str(err)
+
+
+def _first_line(err: Exception) -> str:
+  return str(err).strip().splitlines()[0]
 
 
 def _abstract_stored(a_params, ft):
@@ -219,8 +252,9 @@ def main(argv=None):
                   help="comma-separated model.scan_layers values (false,true compares both)")
   ap.add_argument("--lora_sampling", default="merge", choices=("merge", "on_the_fly"),
                   help="lora.sampling: rollouts on merged bf16 weights or adapters applied per step")
-  ap.add_argument("--target", default="host", choices=("host", "h100", "h200"),
-                  help="compile for this host's backend, or deviceless for that GPU (CUDA plugin)")
+  ap.add_argument("--target", default="host", choices=("host", "h100", "h200", "v5e-8", "v4-8"),
+                  help="compile for this host's backend, or deviceless for that GPU (CUDA plugin) or "
+                       "TPU slice (libtpu; --fsdp must divide its chips: 8 for v5e-8, 4 for v4-8)")
   ap.add_argument("--out", default="")
   a = ap.parse_args(argv)
   if a.target == "host" and a.fsdp > 1 and "XLA_FLAGS" not in os.environ:

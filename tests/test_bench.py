@@ -102,3 +102,22 @@ def test_bench_memory_gpu_target_without_plugin_is_one_line_and_host_rows_keep_t
   assert e.value.code == 2 and len(err.splitlines()) == 1, err
   assert f"pip install jax-cuda13-plugin=={jax.__version__} jax-cuda13-pjrt=={jax.__version__}" in err
   assert "JAX_PLATFORMS=cpu" in err and not (tmp_path / "m.json").exists()
+
+
+def test_bench_memory_tpu_target_without_libtpu_or_with_bad_fsdp_is_one_line(capsys):
+  import jax
+  from rlhf_jax import bench_memory
+  argv = ["--sizes", "test", "--methods", "full", "--exact"]
+  # v4-8 is 4 devices: --fsdp 8 cannot be a mesh on it, said before libtpu is even looked for.
+  with pytest.raises(SystemExit) as e:
+    bench_memory.main(argv + ["--target", "v4-8", "--fsdp", "8"])
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and len(err.splitlines()) == 1, err
+  assert "--fsdp must divide 4 (got 8)" in err
+  if importlib.util.find_spec("libtpu") or os.environ.get("TPU_LIBRARY_PATH"):
+    pytest.skip("libtpu is installed here; the message is for when it is not")
+  with pytest.raises(SystemExit) as e:
+    bench_memory.main(argv + ["--target", "v5e-8", "--fsdp", "8"])
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and len(err.splitlines()) == 1, err
+  assert f'pip install "jax[tpu]=={jax.__version__}"' in err and "JAX_PLATFORMS=cpu" in err
