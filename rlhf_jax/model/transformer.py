@@ -217,26 +217,17 @@ def rope(x, positions, freq):
   return out.astype(x.dtype)
 
 
-def grouped_attention(q, k, v, mask, scale, cap=0.0, cache_layout=False):
-  """Attention as two einsums over kv-head groups, for what the fused kernels cannot do:
-  tanh soft-capped scores, cap * tanh(s / cap) (Gemma 2; cap > 0), and the KV cache's
-  layout. q [B,T,N,D]; k/v [B,S,K,D], or [B,K,S,D] with cache_layout; mask broadcastable
-  to [B,1,T,S].
-
-  The cache is kept kv-heads-major ([B,K,S,D], `init_cache`) because both dots then read it
-  as stored: XLA's dots want their batch dims (b, k) leading, and the [B,S,K,D] layout had
-  every decode step transpose the whole cache of every layer (on CPU 23% of a decode step's
-  op time; at 7B on a GPU two extra cache-sized buffers, 17 GB, for the copies)."""
+def softcap_attention(q, k, v, mask, scale, cap):
+  """Attention with tanh soft-capped scores, cap * tanh(s / cap) (Gemma 2); the fused
+  kernels have no hook for it. q [B,T,N,D], k/v [B,S,K,D], mask broadcastable to [B,1,T,S]."""
   b, t, n, d = q.shape
-  kv = k.shape[1] if cache_layout else k.shape[2]
-  ks = "bksd" if cache_layout else "bskd"
+  kv = k.shape[2]
   qg = q.reshape(b, t, kv, n // kv, d)
-  s = jnp.einsum(f"btkgd,{ks}->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-  if cap:
-    s = cap * jnp.tanh(s / cap)
+  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  s = cap * jnp.tanh(s / cap)
   s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
   p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-  return jnp.einsum(f"bkgts,{ks}->btkgd", p, v).reshape(b, t, n, d)
+  return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, n, d)
 
 
 class Attention(nn.Module):
@@ -268,23 +259,21 @@ class Attention(nn.Module):
       k = rope(k, positions, freq)
     q = self.constrain(q, ("batch", "length", "act_heads", "head_dim"))
     new_cache = None
-    scale = cfg.attn_scale or None  # None: jax's default head_dim ** -0.5
     if cache is not None:
-      # Write this call's keys/values at cache_index ([B,T,K,D] -> the cache's [B,K,S,D]),
-      # attend over all slots.
-      put = lambda c, x: jax.lax.dynamic_update_slice(
-          c, jnp.swapaxes(x, 1, 2).astype(c.dtype), (0, 0, cache_index, 0))
-      new_cache = {"k": put(cache["k"], k), "v": put(cache["v"], v)}
-      out = grouped_attention(q, new_cache["k"].astype(dt), new_cache["v"].astype(dt), attn_mask,
-                              scale or cfg.head_dim ** -0.5, cfg.attn_softcap, cache_layout=True)
-    elif cfg.attention == "cudnn" and attn_mask is None and not cfg.attn_softcap:
+      # Write this call's keys/values at cache_index, attend over all slots.
+      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+      new_cache = {"k": k, "v": v}
+      k, v = k.astype(dt), v.astype(dt)
+    scale = cfg.attn_scale or None  # None: jax's default head_dim ** -0.5
+    if cfg.attention == "cudnn" and attn_mask is None and not cfg.attn_softcap:
       out = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, implementation="cudnn")
     else:
       if attn_mask is None:  # unpadded causal training batch
         t = x.shape[1]
         attn_mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
       if cfg.attn_softcap:
-        out = grouped_attention(q, k, v, attn_mask, cfg.attn_scale or cfg.head_dim ** -0.5,
+        out = softcap_attention(q, k, v, attn_mask, cfg.attn_scale or cfg.head_dim ** -0.5,
                                 cfg.attn_softcap)
       else:
         out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask, scale=scale)
@@ -360,7 +349,7 @@ class Transformer(nn.Module):
     attn_mask = None
     if cache is not None:
       # Keys are cache slots; a query at cache_index + i sees valid slots up to itself.
-      s = cache["k"].shape[3] if cfg.scan_layers else cache[0]["k"].shape[2]
+      s = cache["k"].shape[2] if cfg.scan_layers else cache[0]["k"].shape[1]
       q_slot = cache_index + jnp.arange(t)
       causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
       attn_mask = causal[None, None] & kv_mask[:, None, None, :]
@@ -435,11 +424,10 @@ class Transformer(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
-  """Zeroed KV cache: one {'k','v'} of [B, kv_heads, S, head_dim] per layer (kv-heads-major:
-  `grouped_attention`); with cfg.scan_layers one {'k','v'} of [n_layers, B, kv_heads, S,
-  head_dim] (the scan's layout)."""
+  """Zeroed KV cache: one {'k','v'} of [B, S, kv_heads, head_dim] per layer; with
+  cfg.scan_layers one {'k','v'} of [n_layers, B, S, kv_heads, head_dim] (the scan's layout)."""
   dtype = dtype or DTYPES[cfg.dtype]
-  shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+  shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
   if cfg.scan_layers:
     shape = (cfg.n_layers,) + shape
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
