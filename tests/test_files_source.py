@@ -40,7 +40,7 @@ def test_reward_stage_trains_from_hh_rlhf_files(tmp_path):
   p = run_cli(work, "--config.stages=pretrain,sft,reward", "--config.data.source=files",
               f"--config.data.files.pretrain={corpus}", f"--config.data.files.sft={sft}",
               f"--config.data.files.ranking={hh}", "--config.data.files.ranking_format=hh_rlhf",
-              "--config.data.vocab_size=200", "--config.reward.steps=60", "--config.reward.log_every=1",
+              "--config.data.vocab_size=200", "--config.reward.steps=40", "--config.reward.log_every=1",
               # "\n\nHuman: ... \n\nAssistant:" spelled by a world-trained tokenizer needs
               # ~40 tokens: a prompt budget that keeps the question.
               "--config.data.max_len=64", "--config.data.max_prompt_len=44")
@@ -54,10 +54,10 @@ def test_reward_stage_trains_from_hh_rlhf_files(tmp_path):
   assert 0 < s["eval_pairs"] <= s["eval_comparisons"]  # whole eval batches
   assert math.isfinite(s["loss"]) and 0.0 <= s["accuracy"] <= 1.0
   # It learned the file's preferences: over its last ten steps (80 comparisons, about the
-  # whole training set) the ranking loss is well below chance (ln 2) and below its first
-  # ten steps'. (Seen: 0.77 -> 0.51.) The held-out set is 8 pairs: too few to tell.
+  # whole training set) the ranking loss is below chance (ln 2) and below its first ten
+  # steps'. (Seen: 0.77 -> 0.58.) The held-out set is 8 pairs: too few to tell.
   losses = [r["loss"] for r in map(json.loads, open(work / "reward" / "metrics.jsonl")) if "loss" in r]
-  assert len(losses) == 60, losses
+  assert len(losses) == 40, losses
   assert np.mean(losses[-10:]) < min(math.log(2) - 0.05, np.mean(losses[:10]) - 0.1), losses
   assert "gold_accuracy" not in s  # real data has no gold scorer
   assert math.isfinite(s["reward_gain"]) and s["reward_gain"] > 0

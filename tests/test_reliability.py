@@ -58,15 +58,18 @@ LAUNCH_TIMEOUT = int(os.environ.get("RLHF_JAX_LAUNCH_TIMEOUT", "600"))  # raise 
 #         first, the first kill of a chain is retried from scratch, window halved)
 #   save: SIGKILL as soon as a new checkpoint directory is being written
 #   term: SIGTERM once a training step has been logged (expects exit 75)
+# Every stage that checkpoints is killed while a checkpoint is being written; pretrain, label,
+# ppo and best_of_k also at a random moment; pretrain and best_of_k (rounds: sampling, then
+# training) also get a SIGTERM. (11 kills; each launch costs a process start and restore.)
 PLANS = {
     "pretrain": ["time", "term", "save"],
-    "sft": ["time", "save"],
+    "sft": ["save"],
     "label": ["time"],
-    "reward": ["time", "save"],
+    "reward": ["save"],
     "ppo": ["save", "time"],
     "best_of_k": ["time", "term", "save"],
-    "dpo": ["term", "save"],  # reference log-probs are recomputed on resume: must match exactly
-    "grpo": ["save", "time"],
+    "dpo": ["save"],  # reference log-probs are recomputed on resume: must match exactly
+    "grpo": ["save"],
 }
 
 RECORD = {"kills": [], "terms": [], "chains": {}, "nonfinite": []}
