@@ -39,6 +39,8 @@ import os
 import sys
 import time
 
+from rlhf_jax import aot  # no jax at import: XLA_FLAGS below still take effect
+
 SIZES = {
     # TinyLlama-1.1B's shape (Zhang et al. 2024) and Llama-2-7B's (Touvron et al. 2023).
     "1b": dict(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, d_ff=5632),
@@ -90,7 +92,6 @@ def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, ro
   import jax.numpy as jnp
   import numpy as np
   from configs import tiny
-  from rlhf_jax import aot
   from rlhf_jax.bench import _compile
   from rlhf_jax.model.transformer import ModelConfig
   from rlhf_jax.sampling import SampleConfig
@@ -169,7 +170,6 @@ def ppo_memory(size: str, method: str, *, remat: str = "full", fsdp: int = 1, ro
 
 def _refused(err: Exception, target: str) -> bool:
   """XLA:TPU refused to compile for want of HBM: the row's answer, not a failure."""
-  from rlhf_jax import aot
   return target in aot.TPUS and "RESOURCE_EXHAUSTED" in str(err)
 
 
@@ -252,7 +252,7 @@ def main(argv=None):
                   help="comma-separated model.scan_layers values (false,true compares both)")
   ap.add_argument("--lora_sampling", default="merge", choices=("merge", "on_the_fly"),
                   help="lora.sampling: rollouts on merged bf16 weights or adapters applied per step")
-  ap.add_argument("--target", default="host", choices=("host", "h100", "h200", "v5e-8", "v4-8"),
+  ap.add_argument("--target", default="host", choices=aot.TARGETS,
                   help="compile for this host's backend, or deviceless for that GPU (CUDA plugin) or "
                        "TPU slice (libtpu; --fsdp must divide its chips: 8 for v5e-8, 4 for v4-8)")
   ap.add_argument("--out", default="")
@@ -260,7 +260,6 @@ def main(argv=None):
   if a.target == "host" and a.fsdp > 1 and "XLA_FLAGS" not in os.environ:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.fsdp}"
   scans = [{"true": True, "false": False}[v.strip().lower()] for v in a.scan_layers.split(",")]
-  from rlhf_jax import aot
   try:  # before anything compiles: a GPU target without the CUDA plugin is one line, not a traceback
     aot.devices(a.target, a.fsdp)
   except aot.AotError as e:
