@@ -27,6 +27,9 @@ def get_config(arg=None):
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
   c.checkpoint = dict(keep=2, async_save=True)
   c.compile_cache = "~/.cache/rlhf_jax/jax_cache"  # persistent XLA compilation cache ("" = off)
+  # ppo, best_of_k, dpo and grpo listed next to each other run at once on a one-device CPU
+  # run (pipeline.INDEPENDENT; same results as one at a time, both cores busy).
+  c.concurrent_stages = True
   c.model = cl.model(d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=384, max_len=96)
 
   c.data = dict(

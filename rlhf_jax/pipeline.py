@@ -16,6 +16,7 @@ import glob
 import importlib
 import json
 import os
+import threading
 import time
 import zlib
 
@@ -225,9 +226,10 @@ def check_workdir_config(config, workdir: str) -> dict:
       raise CheckpointMismatch(
           f"{workdir}/tokenizer.model was made with a different config (then -> now): "
           f"{_show(bad)}; use a fresh --workdir")
-  # The stage list and the cache folder are how a run is invoked, not what it computes.
+  # The stage list, the cache folder and concurrency are how a run is invoked, not what it
+  # computes.
   return {} if last is None else _diff(last, current, (set(last) | set(current))
-                                       - {"stages", "compile_cache"})
+                                       - {"stages", "compile_cache", "concurrent_stages"})
 
 
 def _record_config(config, workdir: str) -> None:
@@ -337,37 +339,118 @@ def _has_gold_figures(obj) -> bool:
   return False
 
 
+# Policy stages that read only earlier stages' finished outputs (sft, label, reward) and
+# write only their own folder. Listed next to each other, they can run at once: on the
+# 2-core default CPU run, one stage keeps 1.5-1.7 cores busy (its compiles and small decode
+# ops run on one), so running ppo and best_of_k together took 71 s instead of 94 s
+# (docs/performance.md). Each stage's results are the same as when it runs alone: its RNG
+# key comes from its name (Context.key), and the tests compare the kill-and-resume runs of
+# each stage alone with the reference run, which runs them at once.
+INDEPENDENT = ("ppo", "best_of_k", "dpo", "grpo")
+
+
+def stage_groups(stages, concurrent: bool) -> list[list[str]]:
+  """The listed stages in order; with `concurrent`, consecutive INDEPENDENT ones form one group."""
+  groups: list[list[str]] = []
+  for name in stages:
+    if (concurrent and groups and name in INDEPENDENT
+        and all(s in INDEPENDENT for s in groups[-1])):
+      groups[-1].append(name)
+    else:
+      groups.append([name])
+  return groups
+
+
+def runs_concurrently(config) -> bool:
+  """config.concurrent_stages on a one-process, one-device CPU run. Not on accelerators
+  (two stages' models at once could exhaust device memory where one stage fits) nor across
+  devices or hosts (two programs' collectives interleaved on the same devices can wait on
+  each other; every host must issue them in the same order)."""
+  return (bool(config.get("concurrent_stages", False)) and jax.process_count() == 1
+          and jax.device_count() == 1 and jax.default_backend() == "cpu")
+
+
 def _run_stages(ctx, stages, guard) -> None:
   config = ctx.config
-  for name in stages:
-    if ctx.is_done(name):
-      print(f"[{name}] finished earlier ({ctx.stage_dir(name)}/summary.json); skipping", flush=True)
-      continue
-    for dep in _stage_requires(config, name):
-      if not ctx.is_done(dep):
-        raise FileNotFoundError(
-            f"stage {name} needs the output of stage {dep}, but {ctx.stage_dir(dep)}/summary.json "
-            f"does not exist; run it first (add it to --config.stages)")
-    os.makedirs(ctx.stage_dir(name), exist_ok=True)
-    t0 = time.time()
-    print(f"[{name}] starting", flush=True)
-    module = importlib.import_module(f"rlhf_jax.stages.{name}")
-    summary = module.run(ctx)
-    if _has_gold_figures(summary):  # every gold figure names its scorer (label.annotator)
-      summary["gold_scorer"] = ctx.gold.name
-    summary["wall_seconds"] = round(time.time() - t0, 2)
-    # What the stage ran with, before the summary that marks it finished: later runs
-    # are checked against it (check_workdir_config).
-    write_json(os.path.join(ctx.stage_dir(name), "config.json"),
-               json.loads(config.to_json_best_effort()))
-    write_json(os.path.join(ctx.stage_dir(name), "summary.json"), summary)
-    barrier(f"{name} finished")  # the next stage may read what process 0 wrote (label data)
-    print(f"[{name}] done in {summary['wall_seconds']:.1f}s: "
-          + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
-                      if isinstance(v, (int, float)) and k != "wall_seconds"), flush=True)
-    if guard.requested() and name != stages[-1]:
-      raise loop.Preempted(f"{name}: finished and saved, then preempted (SIGTERM); re-run the "
-                           f"same command to continue with the next stage")
+  groups = stage_groups(stages, runs_concurrently(config))
+  for g, group in enumerate(groups):
+    todo = []
+    for name in group:
+      if ctx.is_done(name):
+        print(f"[{name}] finished earlier ({ctx.stage_dir(name)}/summary.json); skipping", flush=True)
+        continue
+      for dep in _stage_requires(config, name):
+        if not ctx.is_done(dep):
+          raise FileNotFoundError(
+              f"stage {name} needs the output of stage {dep}, but {ctx.stage_dir(dep)}/summary.json "
+              f"does not exist; run it first (add it to --config.stages)")
+      todo.append(name)
+    if len(todo) > 1:
+      _run_at_once(ctx, todo, guard)
+    elif todo:
+      _run_stage(ctx, todo[0])
+    if todo and guard.requested() and g != len(groups) - 1:
+      raise loop.Preempted(f"{', '.join(todo)}: finished and saved, then preempted (SIGTERM); "
+                           f"re-run the same command to continue with the next stage")
   if "evaluate" in stages or set(stages) >= {"ppo", "best_of_k"} or set(stages) & {"dpo", "grpo", "online"}:
     from rlhf_jax import report
     report.write_report(ctx)
+
+
+def _run_stage(ctx, name: str) -> None:
+  """Run one stage; its config.json, then its summary.json (which marks it finished)."""
+  config = ctx.config
+  os.makedirs(ctx.stage_dir(name), exist_ok=True)
+  t0 = time.time()
+  print(f"[{name}] starting", flush=True)
+  module = importlib.import_module(f"rlhf_jax.stages.{name}")
+  summary = module.run(ctx)
+  if _has_gold_figures(summary):  # every gold figure names its scorer (label.annotator)
+    summary["gold_scorer"] = ctx.gold.name
+  summary["wall_seconds"] = round(time.time() - t0, 2)
+  # What the stage ran with, before the summary that marks it finished: later runs
+  # are checked against it (check_workdir_config).
+  write_json(os.path.join(ctx.stage_dir(name), "config.json"),
+             json.loads(config.to_json_best_effort()))
+  write_json(os.path.join(ctx.stage_dir(name), "summary.json"), summary)
+  barrier(f"{name} finished")  # the next stage may read what process 0 wrote (label data)
+  print(f"[{name}] done in {summary['wall_seconds']:.1f}s: "
+        + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()
+                    if isinstance(v, (int, float)) and k != "wall_seconds"), flush=True)
+
+
+def _run_at_once(ctx, names: list[str], guard) -> None:
+  """Run INDEPENDENT stages in threads of this process (one JAX runtime, one device).
+
+  A failing stage does not stop the others: they finish (or save and stop on SIGTERM or
+  Ctrl-C), then the first error, in listed order, is raised. What the stages share is
+  built here first, so the threads never race to build it: the tokenizer (trained into
+  the workdir on a first run), the gold scorer, the stage modules."""
+  print(f"[{', '.join(names)}] running at once (config.concurrent_stages: one CPU device)",
+        flush=True)
+  ctx.sources.tokenizer  # pylint: disable=pointless-statement
+  ctx.gold  # pylint: disable=pointless-statement
+  for name in names:
+    importlib.import_module(f"rlhf_jax.stages.{name}")
+  errors: dict = {}
+
+  def work(name):
+    try:
+      _run_stage(ctx, name)
+    except BaseException as e:  # pylint: disable=broad-except  (re-raised below, in order)
+      errors[name] = e
+
+  threads = [threading.Thread(target=work, args=(n,), name=f"stage {n}") for n in names]
+  for t in threads:
+    t.start()
+  try:
+    for t in threads:
+      t.join()
+  except KeyboardInterrupt:
+    guard.flag.set()  # the stages save and stop at their next step, as on SIGTERM
+    for t in threads:
+      t.join()
+    raise
+  for name in names:
+    if name in errors:
+      raise errors[name]

@@ -88,6 +88,8 @@ def reference_run(tmp_path_factory) -> str:
       t0 = time.time()
       p = h.run_cli(wd, *OVERRIDES, f"--config.stages={','.join(STAGES)}", timeout=LAUNCH_TIMEOUT)
       assert p.returncode == 0, f"reference run failed ({p.returncode}):\n{p.stderr[-4000:]}"
+      with open(os.path.join(wd, "cli_stdout.txt"), "w") as f:  # test_concurrent_stages reads it
+        f.write(p.stdout)
       _REF["seconds"] = time.time() - t0  # on the worker that built it
     _REF["dir"] = h.build_once(tmp_path_factory, "reference", build)
   return _REF["dir"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
 import zlib
 
 import jax
@@ -82,6 +83,9 @@ class DataSources:
     self.labelled = labelled
     self.tfds_dir = os.path.join(workdir, "tfds")
     self.prompt_counts = {}  # split -> what prompt_set's budget did (truncated / dropped)
+    # Stages that run at once (pipeline.INDEPENDENT) share this object: one TFDS
+    # preparation of a folder at a time.
+    self._prepare_lock = threading.RLock()
 
   # ----------------------------------------------------------------- tokenizer
   @functools.cached_property
@@ -153,7 +157,8 @@ class DataSources:
         raise DataError(f"{manual_dir}: {e}") from None
 
     if jax.process_count() == 1:
-      return load()
+      with self._prepare_lock:
+        return load()
     # Preparation writes one folder (on a shared file system for a pod): process 0
     # prepares, the others wait at a barrier, then read what it wrote. A bad file
     # fails on process 0 after the barrier, and then on the others the same way.

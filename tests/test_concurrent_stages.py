@@ -1,0 +1,86 @@
+"""ppo, best_of_k, dpo and grpo listed next to each other run at once on a one-device CPU run
+(pipeline.INDEPENDENT, config.concurrent_stages). That each gives the same results as when it
+runs alone is checked by test_reliability: every kill-and-resume chain runs its stage alone and
+compares it bit for bit with the reference run, which runs these four at once."""
+import os
+import sys
+import threading
+import time
+import types
+
+import pytest
+
+import helpers
+from rlhf_jax import pipeline
+from rlhf_jax.train import loop
+
+DEFAULT = "pretrain,sft,label,reward,ppo,best_of_k,evaluate".split(",")
+
+
+def test_consecutive_independent_stages_form_one_group():
+  assert pipeline.stage_groups(DEFAULT, True) == [
+      ["pretrain"], ["sft"], ["label"], ["reward"], ["ppo", "best_of_k"], ["evaluate"]]
+  assert pipeline.stage_groups(DEFAULT, False) == [[s] for s in DEFAULT]
+  # Not across a stage that reads them (evaluate), and never the stages they read.
+  assert pipeline.stage_groups(["reward", "ppo", "evaluate", "best_of_k", "dpo", "grpo"], True) == [
+      ["reward"], ["ppo"], ["evaluate"], ["best_of_k", "dpo", "grpo"]]
+
+
+def test_independent_stages_need_none_of_each_other():
+  for name in pipeline.INDEPENDENT:
+    assert not set(pipeline.REQUIRES[name]) & set(pipeline.INDEPENDENT), name
+
+
+def test_only_one_process_on_one_cpu_device():
+  on = types.SimpleNamespace(get=lambda key, default=None: True)
+  off = types.SimpleNamespace(get=lambda key, default=None: False)
+  assert pipeline.runs_concurrently(on)  # this test process: one CPU device
+  assert not pipeline.runs_concurrently(off)
+
+
+def _fake_stage(name, run):
+  mod = types.ModuleType(f"rlhf_jax.stages.{name}")
+  mod.run = run
+  return mod
+
+
+def test_a_failing_stage_lets_the_other_finish_then_raises(tmp_path, monkeypatch):
+  """One stage raises while the other is still running: the other writes its summary, then
+  the error comes out; the two ran in overlapping time."""
+  spans = {}
+
+  def slow(ctx):
+    spans["slow"] = [time.time()]
+    time.sleep(1.0)
+    spans["slow"].append(time.time())
+    return {"value": 1.0}
+
+  def failing(ctx):
+    spans["failing"] = [time.time()]
+    time.sleep(0.2)
+    raise ValueError("bad rollout")
+
+  monkeypatch.setitem(sys.modules, "rlhf_jax.stages.ppo", _fake_stage("ppo", failing))
+  monkeypatch.setitem(sys.modules, "rlhf_jax.stages.best_of_k", _fake_stage("best_of_k", slow))
+  from configs import tiny
+  ctx = pipeline.Context(tiny.get_config("test"), str(tmp_path), None,
+                         _sources=types.SimpleNamespace(tokenizer=object()),
+                         _gold=types.SimpleNamespace(name="world"))
+  with loop.PreemptionGuard() as guard, pytest.raises(ValueError, match="bad rollout"):
+    pipeline._run_at_once(ctx, ["ppo", "best_of_k"], guard)
+  assert ctx.is_done("best_of_k") and not ctx.is_done("ppo")
+  assert spans["failing"][0] < spans["slow"][1] and spans["slow"][0] < spans["failing"][0] + 0.2
+  assert helpers.read_json(os.path.join(tmp_path, "best_of_k", "summary.json"))["value"] == 1.0
+  assert threading.active_count() == 1 or all(
+      not t.name.startswith("stage ") for t in threading.enumerate())
+
+
+@pytest.mark.reference_run
+def test_the_reference_run_ran_its_policy_stages_at_once(tmp_path_factory):
+  import test_reliability as rel
+  ref = rel.reference_run(tmp_path_factory)
+  out = open(os.path.join(ref, "cli_stdout.txt")).read()
+  group = [s for s in rel.STAGES if s in pipeline.INDEPENDENT]
+  assert f"[{', '.join(group)}] running at once" in out
+  first_done = min(out.index(f"[{s}] done in") for s in group)
+  assert all(out.index(f"[{s}] starting") < first_done for s in group)
