@@ -24,7 +24,7 @@ import jax
 
 from rlhf_jax import config_lib
 from rlhf_jax.model.transformer import NOT_ARCHITECTURE, ModelConfig
-from rlhf_jax.train import loop
+from rlhf_jax.train import checkpoint, loop
 from rlhf_jax.train import sharding as sh
 from rlhf_jax.train.checkpoint import CheckpointMismatch
 
@@ -425,7 +425,8 @@ def _run_at_once(ctx, names: list[str], guard) -> None:
   A failing stage does not stop the others: they finish (or save and stop on SIGTERM or
   Ctrl-C), then the first error, in listed order, is raised. What the stages share is
   built here first, so the threads never race to build it: the tokenizer (trained into
-  the workdir on a first run), the gold scorer, the stage modules."""
+  the workdir on a first run), the gold scorer, the stage modules. Checkpoint saves take
+  turns (orbax keeps per-save state process-wide, train/checkpoint.py)."""
   print(f"[{', '.join(names)}] running at once (config.concurrent_stages: one CPU device)",
         flush=True)
   ctx.sources.tokenizer  # pylint: disable=pointless-statement
@@ -441,16 +442,17 @@ def _run_at_once(ctx, names: list[str], guard) -> None:
       errors[name] = e
 
   threads = [threading.Thread(target=work, args=(n,), name=f"stage {n}") for n in names]
-  for t in threads:
-    t.start()
-  try:
+  with checkpoint.exclusive_saves():  # orbax saves one at a time (train/checkpoint.py)
     for t in threads:
-      t.join()
-  except KeyboardInterrupt:
-    guard.flag.set()  # the stages save and stop at their next step, as on SIGTERM
-    for t in threads:
-      t.join()
-    raise
+      t.start()
+    try:
+      for t in threads:
+        t.join()
+    except KeyboardInterrupt:
+      guard.flag.set()  # the stages save and stop at their next step, as on SIGTERM
+      for t in threads:
+        t.join()
+      raise
   for name in names:
     if name in errors:
       raise errors[name]

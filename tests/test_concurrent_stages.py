@@ -84,3 +84,36 @@ def test_the_reference_run_ran_its_policy_stages_at_once(tmp_path_factory):
   assert f"[{', '.join(group)}] running at once" in out
   first_done = min(out.index(f"[{s}] done in") for s in group)
   assert all(out.index(f"[{s}] starting") < first_done for s in group)
+
+
+def test_two_stages_saving_checkpoints_at_once(tmp_path):
+  """Orbax keys its save signals by a process-wide operation id: two managers saving at once
+  in one process broke each other's saves (FileExistsError / "Directory not empty") until
+  train/checkpoint.py made them take turns."""
+  import jax.numpy as jnp
+  import numpy as np
+  from rlhf_jax.train import checkpoint as ck
+  errors = []
+
+  def saver(name):
+    try:
+      c = ck.Checkpointer(str(tmp_path / name / "checkpoints"), keep=2)
+      for step in range(1, 9):
+        state = {"params": {"w": jnp.full((64, 64), float(step))}, "opt_state": {"m": jnp.ones(256) * step},
+                 "step": jnp.int32(step)}
+        c.save(step, state, {"stage": name})
+      c.close()
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  with ck.exclusive_saves():
+    threads = [threading.Thread(target=saver, args=(n,), daemon=True) for n in ("ppo", "best_of_k", "dpo")]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join(timeout=120)  # without the turns, a save can also wait forever on another's signal
+  assert not any(t.is_alive() for t in threads), "a save hung"
+  assert not errors, errors
+  for name in ("ppo", "best_of_k", "dpo"):
+    w, meta = ck.restore_item(str(tmp_path / name), "params", {"w": jnp.zeros((64, 64))})
+    assert meta == {"stage": name} and np.all(np.asarray(w["w"]) == 8.0)

@@ -11,9 +11,11 @@ as finished: the manager lists only finalized steps.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import threading
 
 import jax
 import orbax.checkpoint as ocp
@@ -29,6 +31,27 @@ class _QuietReadOnly(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_QuietReadOnly())
+
+
+# Orbax keeps process-global state per operation: the signals that order a save's directory
+# creation and writes are keyed by the *current* operation id
+# (orbax/checkpoint/_src/futures/synchronization.py: OperationIdGenerator), so two managers
+# saving at once in one process mix up each other's signals (FileExistsError on a tmp
+# directory, seen when ppo, best_of_k, dpo and grpo ran at once). Every orbax call goes
+# through this lock, and while stages run at once (`exclusive_saves`, pipeline._run_at_once)
+# a save also finishes inside it instead of in the background.
+_ORBAX = threading.RLock()
+_EXCLUSIVE = threading.Event()
+
+
+@contextlib.contextmanager
+def exclusive_saves():
+  """While active, every save completes before the lock is released (one at a time)."""
+  _EXCLUSIVE.set()
+  try:
+    yield
+  finally:
+    _EXCLUSIVE.clear()
 
 
 class CheckpointMismatch(ValueError):
@@ -63,11 +86,12 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    self._mngr = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=True))
+    with _ORBAX:
+      self._mngr = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+              cleanup_tmp_directories=True))
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -75,7 +99,10 @@ class Checkpointer:
   def save(self, step: int, state: dict, meta: dict) -> None:
     items = {k: ocp.args.StandardSave(v) for k, v in _group(state).items()}
     items["meta"] = ocp.args.JsonSave(meta)
-    self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    with _ORBAX:
+      self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+      if _EXCLUSIVE.is_set():
+        self._mngr.wait_until_finished()
 
   def restore(self, abstract_state: dict, step: int | None = None, expect_meta: dict | None = None):
     """Restore every item of `abstract_state` (ShapeDtypeStructs with shardings)."""
@@ -83,18 +110,22 @@ class Checkpointer:
     meta = self.read_meta(step)
     check_meta(meta, expect_meta, f"{self.directory}/{step}")
     items = {k: ocp.args.StandardRestore(v) for k, v in _group(abstract_state).items()}
-    restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    with _ORBAX:
+      restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
     return _ungroup({k: restored[k] for k in items}), meta
 
   def read_meta(self, step: int) -> dict:
-    return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    with _ORBAX:
+      return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    with _ORBAX:
+      self._mngr.wait_until_finished()
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    with _ORBAX:
+      self._mngr.wait_until_finished()
+      self._mngr.close()
 
 
 def check_meta(meta: dict, expect: dict | None, where: str) -> None:
@@ -121,19 +152,21 @@ def _open_latest(stage_dir: str):
   directory = os.path.join(stage_dir, "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{directory}: no checkpoint to start from; run that stage first")
-  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-  step = mngr.latest_step()
-  if step is None:
-    mngr.close()
-    raise FileNotFoundError(f"{directory}: no finished checkpoint to start from; run that stage first")
-  return mngr, step, mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  with _ORBAX:
+    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    step = mngr.latest_step()
+    if step is None:
+      mngr.close()
+      raise FileNotFoundError(f"{directory}: no finished checkpoint to start from; run that stage first")
+    return mngr, step, mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
 def latest_meta(stage_dir: str) -> tuple[int, dict]:
   """(step, `meta` item) of a stage's latest checkpoint: which model it holds (a LoRA
   checkpoint names its base stage there)."""
   mngr, step, meta = _open_latest(stage_dir)
-  mngr.close()
+  with _ORBAX:
+    mngr.close()
   return step, meta
 
 
@@ -141,6 +174,7 @@ def restore_item(stage_dir: str, item: str, abstract, expect_meta: dict | None =
   """Restore one item (e.g. `params`) of a stage's latest checkpoint onto `abstract`'s shardings."""
   mngr, step, meta = _open_latest(stage_dir)
   check_meta(meta, expect_meta, os.path.join(stage_dir, "checkpoints", str(step)))
-  out = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))
-  mngr.close()
+  with _ORBAX:
+    out = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))
+    mngr.close()
   return out[item], meta
