@@ -423,7 +423,8 @@ def _run_at_once(ctx, names: list[str], guard) -> None:
   """Run INDEPENDENT stages in threads of this process (one JAX runtime, one device).
 
   A failing stage does not stop the others: they finish (or save and stop on SIGTERM or
-  Ctrl-C), then the first error, in listed order, is raised. What the stages share is
+  Ctrl-C), then the first error, in listed order, is raised; if every error is a
+  preemption, one Preempted names each stage's step. What the stages share is
   built here first, so the threads never race to build it: the tokenizer (trained into
   the workdir on a first run), the gold scorer, the stage modules. Checkpoint saves take
   turns (orbax keeps per-save state process-wide, train/checkpoint.py)."""
@@ -453,6 +454,11 @@ def _run_at_once(ctx, names: list[str], guard) -> None:
       for t in threads:
         t.join()
       raise
-  for name in names:
-    if name in errors:
-      raise errors[name]
+  failed = [(n, errors[n]) for n in names if n in errors]
+  if failed and all(isinstance(e, loop.Preempted) for _, e in failed):
+    # Every stage that stopped saved first: one line naming where each will resume.
+    raise loop.Preempted("; ".join(
+        str(e) if str(e).split(":")[0].split("/")[0] == n else f"{n}: {e}" for n, e in failed))
+  for _, e in failed:  # a real failure before a preemption
+    if not isinstance(e, loop.Preempted):
+      raise e

@@ -117,3 +117,41 @@ def test_two_stages_saving_checkpoints_at_once(tmp_path):
   for name in ("ppo", "best_of_k", "dpo"):
     w, meta = ck.restore_item(str(tmp_path / name), "params", {"w": jnp.zeros((64, 64))})
     assert meta == {"stage": name} and np.all(np.asarray(w["w"]) == 8.0)
+
+
+@pytest.mark.reference_run
+def test_sigterm_stops_stages_running_at_once_and_the_rerun_matches(tmp_path_factory, tmp_path):
+  """SIGTERM while ppo and best_of_k run at once: both save and stop, exit 75 with one line
+  naming each stage's step; the same command then finishes both, bit-identical to the
+  reference run."""
+  import re
+  import signal
+  import test_reliability as rel
+  ref = rel.reference_run(tmp_path_factory)
+  wd = rel.copy_before(ref, "ppo", tmp_path / "wd")
+  args = (*rel.OVERRIDES, "--config.stages=ppo,best_of_k")
+  proc = helpers.start_cli(wd, *args, log_path=str(tmp_path / "first"))
+  steps = {s: re.compile(rf"^\[{s}[^\]]*\] step (\d+)/(\d+)", re.M) for s in ("ppo", "best_of_k")}
+
+  def both_stepping():
+    out = open(proc.log_paths[0]).read()
+    return all(any(int(a) < int(b) - 1 for a, b in pat.findall(out)) for pat in steps.values())
+
+  deadline = time.time() + rel.LAUNCH_TIMEOUT
+  while not both_stepping() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  assert proc.poll() is None, helpers.read_logs(proc)[1][-3000:]
+  os.kill(proc.pid, signal.SIGTERM)
+  rc = proc.wait(timeout=300)
+  out, err = helpers.read_logs(proc)
+  assert "[ppo, best_of_k] running at once" in out
+  lines = helpers.message_lines(err)
+  assert rc == 75 and len(lines) == 1, (rc, err[-3000:])
+  assert re.search(r"ppo: preempted \(SIGTERM\) at step \d+", lines[0]), lines[0]
+  assert re.search(r"best_of_k[^:]*: preempted \(SIGTERM\)", lines[0]), lines[0]
+  assert not os.path.exists(os.path.join(wd, "ppo", "summary.json"))
+  p = helpers.run_cli(wd, *args, timeout=rel.LAUNCH_TIMEOUT)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert re.search(r"^\[ppo\] resuming from iteration \d+", p.stdout, re.M), p.stdout[-2000:]
+  for stage in ("ppo", "best_of_k"):
+    rel.assert_same_stage(ref, wd, stage)
