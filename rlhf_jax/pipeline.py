@@ -419,6 +419,16 @@ def _run_stage(ctx, name: str) -> None:
                     if isinstance(v, (int, float)) and k != "wall_seconds"), flush=True)
 
 
+def _join(threads) -> None:
+  """Wait for the threads, waking every 0.1 s. Python runs a signal's handler in the main
+  thread only, and the kernel may deliver the signal to any thread (XLA's, a stage's): a main
+  thread blocked in a plain join() would then run the SIGTERM handler only once a stage ends,
+  so the other stages would miss the preemption notice (seen: exit 0 after a SIGTERM)."""
+  for t in threads:
+    while t.is_alive():
+      t.join(timeout=0.1)
+
+
 def _run_at_once(ctx, names: list[str], guard) -> None:
   """Run INDEPENDENT stages in threads of this process (one JAX runtime, one device).
 
@@ -447,12 +457,10 @@ def _run_at_once(ctx, names: list[str], guard) -> None:
     for t in threads:
       t.start()
     try:
-      for t in threads:
-        t.join()
+      _join(threads)
     except KeyboardInterrupt:
       guard.flag.set()  # the stages save and stop at their next step, as on SIGTERM
-      for t in threads:
-        t.join()
+      _join(threads)
       raise
   failed = [(n, errors[n]) for n in names if n in errors]
   if failed and all(isinstance(e, loop.Preempted) for _, e in failed):

@@ -118,39 +118,66 @@ def test_two_stages_saving_checkpoints_at_once(tmp_path):
     assert meta == {"stage": name} and np.all(np.asarray(w["w"]) == 8.0)
 
 
+# Longer stages than the reference run's (3 PPO iterations, 4 steps a round), so that a
+# SIGTERM lands with steps to go in both; compared with an uninterrupted run of the same.
+LONGER = ("--config.ppo.iterations=6", "--config.best_of_k.train.steps=6")
+
+
+def _latest_steps(out: str, stage: str) -> tuple[str, int, int] | None:
+  """The stage's newest progress line as (loop name, step, of), e.g. ('best_of_k/round_1', 2, 6)."""
+  import re
+  found = re.findall(rf"^\[({stage}[^\]]*)\] step (\d+)/(\d+)", out, re.M)
+  return (found[-1][0], int(found[-1][1]), int(found[-1][2])) if found else None
+
+
+def _will_stop_on_sigterm(out: str) -> bool:
+  """Both stages will still check for a SIGTERM before they finish.
+
+  A loop checks after each step it dispatches, then logs it; the check of the step after
+  a logged one may already be behind it, so a loop needs two more steps after the logged one.
+  best_of_k also checks while it samples, so before its first step it will stop too."""
+  ppo, bok = _latest_steps(out, "ppo"), _latest_steps(out, "best_of_k")
+  if ppo is None or ppo[1] > ppo[2] - 3 or "[best_of_k] done" in out:
+    return False
+  return bok is None or bok[0] != "best_of_k/round_2" or bok[1] <= bok[2] - 3
+
+
 @pytest.mark.reference_run
 def test_sigterm_stops_stages_running_at_once_and_the_rerun_matches(tmp_path_factory, tmp_path):
   """SIGTERM while ppo and best_of_k run at once: both save and stop, exit 75 with one line
-  naming each stage's step; the same command then finishes both, bit-identical to the
-  reference run."""
+  naming each stage's step; the same command then finishes both, bit-identical to a run
+  that was never stopped."""
   import re
   import signal
   import test_reliability as rel
   ref = rel.reference_run(tmp_path_factory)
+  args = (*rel.OVERRIDES, *LONGER, "--config.stages=ppo,best_of_k")
   wd = rel.copy_before(ref, "ppo", tmp_path / "wd")
-  args = (*rel.OVERRIDES, "--config.stages=ppo,best_of_k")
   proc = helpers.start_cli(wd, *args, log_path=str(tmp_path / "first"))
-  steps = {s: re.compile(rf"^\[{s}[^\]]*\] step (\d+)/(\d+)", re.M) for s in ("ppo", "best_of_k")}
-
-  def both_stepping():
-    out = open(proc.log_paths[0]).read()
-    return all(any(int(a) < int(b) - 1 for a, b in pat.findall(out)) for pat in steps.values())
-
   deadline = time.time() + rel.LAUNCH_TIMEOUT
-  while not both_stepping() and proc.poll() is None and time.time() < deadline:
+  while proc.poll() is None and time.time() < deadline:
+    if _will_stop_on_sigterm(helpers.read_logs(proc)[0]):
+      # Frozen, the process cannot move past what its log shows while the signal is sent.
+      os.kill(proc.pid, signal.SIGSTOP)
+      if _will_stop_on_sigterm(helpers.read_logs(proc)[0]):
+        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGCONT)
+        break
+      os.kill(proc.pid, signal.SIGCONT)
     time.sleep(0.01)
-  assert proc.poll() is None, helpers.read_logs(proc)[1][-3000:]
-  os.kill(proc.pid, signal.SIGTERM)
-  rc = proc.wait(timeout=300)
+  rc = proc.wait(timeout=rel.LAUNCH_TIMEOUT)
   out, err = helpers.read_logs(proc)
   assert "[ppo, best_of_k] running at once" in out
   lines = helpers.message_lines(err)
-  assert rc == 75 and len(lines) == 1, (rc, err[-3000:])
+  assert rc == 75 and len(lines) == 1, (rc, out[-3000:], err[-3000:])
   assert re.search(r"ppo: preempted \(SIGTERM\) at step \d+", lines[0]), lines[0]
   assert re.search(r"best_of_k[^:]*: preempted \(SIGTERM\)", lines[0]), lines[0]
   assert not os.path.exists(os.path.join(wd, "ppo", "summary.json"))
   p = helpers.run_cli(wd, *args, timeout=rel.LAUNCH_TIMEOUT)
   assert p.returncode == 0, p.stderr[-3000:]
   assert re.search(r"^\[ppo\] resuming from iteration \d+", p.stdout, re.M), p.stdout[-2000:]
+  whole = rel.copy_before(ref, "ppo", tmp_path / "whole")
+  p = helpers.run_cli(whole, *args, timeout=rel.LAUNCH_TIMEOUT)
+  assert p.returncode == 0, p.stderr[-3000:]
   for stage in ("ppo", "best_of_k"):
-    rel.assert_same_stage(ref, wd, stage)
+    rel.assert_same_stage(whole, wd, stage)
