@@ -120,7 +120,9 @@ def test_two_stages_saving_checkpoints_at_once(tmp_path):
 
 # Longer stages than the reference run's (3 PPO iterations, 4 steps a round), so that a
 # SIGTERM lands with steps to go in both; compared with an uninterrupted run of the same.
-LONGER = ("--config.ppo.iterations=6", "--config.best_of_k.train.steps=6")
+# Two best-of-K rounds, as in configs/tiny.py:test (_will_stop_on_sigterm names the last).
+LONGER = ("--config.ppo.iterations=6", "--config.best_of_k.train.steps=6",
+          "--config.best_of_k.rounds=2")
 
 
 def _latest_steps(out: str, stage: str) -> tuple[str, int, int] | None:
